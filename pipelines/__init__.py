@@ -1,0 +1,1 @@
+"""Model and media work for Voice Studio. Nothing here imports gradio."""

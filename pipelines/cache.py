@@ -1,0 +1,137 @@
+"""Atomic, version-keyed folders under the models cache.
+
+Every converted model lives in a folder that is either complete or absent: a builder writes into a
+temporary sibling folder, a marker file is written last, and the folder is renamed into place. A
+crash mid-build leaves only a ``.tmp-*`` folder, which no lookup ever returns and which the next
+build of the same key sweeps away. Builds of one key are serialised across threads (a lock per key)
+and across processes (an ``fcntl`` lock file), so a model is converted once even when several
+requests ask for it together.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+READY_MARKER = "voice_studio_ready.json"
+
+# Libraries whose versions change what a conversion produces: part of every cache folder's name.
+CONVERTER_PACKAGES = ("openvino", "openvino-tokenizers", "optimum-intel", "transformers", "nncf", "diffusers")
+
+ProgressFn = Callable[[float, str], None]
+
+
+def no_progress(fraction: float, message: str) -> None:  # noqa: ARG001 - a ProgressFn that drops updates
+    pass
+
+
+def converter_versions(packages: Iterable[str] = CONVERTER_PACKAGES) -> dict[str, str]:
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "none"
+    return versions
+
+
+def versions_key(packages: Iterable[str] = CONVERTER_PACKAGES) -> str:
+    """A short, stable tag for the converter versions (readable prefix + hash of all of them)."""
+    versions = converter_versions(packages)
+    digest = hashlib.sha1(json.dumps(versions, sort_keys=True).encode()).hexdigest()[:8]
+    return f"ov{versions.get('openvino', 'none')}-{digest}"
+
+
+def slug(text: str) -> str:
+    """A file-system-safe, readable name for a model reference or revision."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "--", text.strip()).strip("-.")
+    return cleaned[:80] or "model"
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """A cheap content key for a local folder: names, sizes and modification times of its files."""
+    h = hashlib.sha1()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = path.stat()
+        h.update(f"{path.relative_to(folder)}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+    return h.hexdigest()[:12]
+
+
+class AtomicFolderCache:
+    """Get-or-build for folders under ``root``, complete or absent, built once."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._locks: dict[Path, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def ready(self, folder: Path) -> bool:
+        return (folder / READY_MARKER).is_file()
+
+    def _thread_lock(self, folder: Path) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(folder, threading.Lock())
+
+    @contextmanager
+    def _process_lock(self, folder: Path) -> Iterator[None]:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with open(folder.parent / f".{folder.name}.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _sweep_stale(self, folder: Path) -> None:
+        for stale in folder.parent.glob(f".tmp-{folder.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def get_or_build(
+        self,
+        folder: Path,
+        build: Callable[[Path], Optional[dict]],
+        description: dict | None = None,
+    ) -> Path:
+        """Return ``folder`` once it is complete, running ``build(tmp_folder)`` if it is not.
+
+        ``build`` fills the temporary folder it is given and may return extra facts to record in
+        the marker file (e.g. which quantization method made it).
+        """
+        folder = Path(folder)
+        if self.ready(folder):
+            return folder
+        with self._thread_lock(folder), self._process_lock(folder):
+            if self.ready(folder):  # another thread or process finished it while we waited
+                return folder
+            self._sweep_stale(folder)
+            if folder.exists():  # a folder without a marker is not trusted
+                shutil.rmtree(folder)
+            tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir(parents=True)
+            try:
+                extra = build(tmp) or {}
+                marker = {
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "converters": converter_versions(),
+                    **(description or {}),
+                    **extra,
+                }
+                (tmp / READY_MARKER).write_text(json.dumps(marker, indent=2))
+                os.rename(tmp, folder)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        return folder
+
+    def describe(self, folder: Path) -> dict:
+        return json.loads((Path(folder) / READY_MARKER).read_text())

@@ -1,0 +1,76 @@
+"""Small frozen values that travel between ui/, pipelines/, tests and API clients."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Optional
+
+Precision = Literal["fp16", "int8"]
+Task = Literal["transcribe", "translate"]
+PRECISIONS: tuple[str, ...] = ("fp16", "int8")
+
+
+@dataclass(frozen=True)
+class Word:
+    text: str
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: float
+    end: float
+    text: str
+    words: tuple[Word, ...] = ()
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """What one transcription produced. Times are seconds from the start of the audio."""
+
+    text: str
+    language: Optional[str]
+    segments: tuple[Segment, ...]
+    task: str = "transcribe"
+    model: str = ""
+    duration: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Transcript":
+        segments = tuple(
+            Segment(
+                start=float(s["start"]),
+                end=float(s["end"]),
+                text=s["text"],
+                words=tuple(Word(**w) for w in s.get("words", ())),
+            )
+            for s in data.get("segments", ())
+        )
+        return cls(
+            text=data.get("text", ""),
+            language=data.get("language"),
+            segments=segments,
+            task=data.get("task", "transcribe"),
+            model=data.get("model", ""),
+            duration=float(data.get("duration", 0.0)),
+        )
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    task: Task = "transcribe"
+    language: Optional[str] = None  # ISO code like "de"; None = detect
+    timestamps: bool = True
+    word_timestamps: bool = False
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which model to run and how: a model reference, a precision and an OpenVINO device."""
+
+    model: str
+    precision: str = "fp16"
+    device: str = "CPU"
