@@ -65,6 +65,7 @@ class TranscribeOptions:
     language: Optional[str] = None  # ISO code like "de"; None = detect
     timestamps: bool = True
     word_timestamps: bool = False
+    vad: bool = True  # transcribe only where voice activity detection finds speech
 
 
 @dataclass(frozen=True)

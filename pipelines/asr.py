@@ -1,0 +1,361 @@
+"""Whisper on OpenVINO GenAI: a lazy, bounded, load-once set of WhisperPipelines and transcribe().
+
+One ``openvino_genai.WhisperPipeline`` is loaded per (model, precision, device) on first use and
+kept in a small LRU set. Loading is guarded per key, so two requests asking for the same model at
+the same time wait for one load. Each pipeline has its own run lock (an infer request is not
+shared between two generations), and every call passes its own generation settings, so one
+request never sees another's language, task or timestamps.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+
+from . import vad
+from .audio import SAMPLE_RATE
+from .cache import ProgressFn, no_progress
+from .devices import validate_device
+from .model_store import ResolvedModel, WhisperModelStore
+from .types import ModelChoice, Segment, TranscribeOptions, Transcript
+from .whisper_models import LANGUAGES, translation_refusal
+
+log = logging.getLogger(__name__)
+
+
+class TranscriptionRefused(ValueError):
+    """The request cannot be served as asked (e.g. translate on an English-only model)."""
+
+
+@dataclass
+class LoadedWhisper:
+    pipeline: Any
+    resolved: ResolvedModel
+    device: str
+    multilingual: bool
+    lang_to_id: dict[str, int]
+    load_seconds: float
+    run_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class WhisperService:
+    """Transcribes audio with Whisper on OpenVINO; models load lazily, once, and stay bounded."""
+
+    def __init__(self, store: WhisperModelStore, max_loaded: int = 2, guards: "DecodeGuards | None" = None):
+        self.store = store
+        self.guards = guards or DecodeGuards()
+        self.max_loaded = max(1, max_loaded)
+        self._loaded: "OrderedDict[tuple[str, str, str], LoadedWhisper]" = OrderedDict()
+        self._guard = threading.Lock()
+        self._key_locks: dict[tuple[str, str, str], threading.Lock] = {}
+
+    # -- models -----------------------------------------------------------------------------
+    def loaded_keys(self) -> list[tuple[str, str, str]]:
+        with self._guard:
+            return list(self._loaded)
+
+    def release(self) -> None:
+        """Drop every loaded pipeline (frees memory for another tab)."""
+        with self._guard:
+            self._loaded.clear()
+
+    def load(self, choice: ModelChoice, progress: ProgressFn = no_progress) -> LoadedWhisper:
+        device = validate_device(choice.device)
+        key = (choice.model, choice.precision, device)
+        with self._guard:
+            if key in self._loaded:
+                self._loaded.move_to_end(key)
+                return self._loaded[key]
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._guard:
+                if key in self._loaded:
+                    return self._loaded[key]
+            resolved = self.store.resolve(choice.model, choice.precision, progress)
+            progress(0.8, f"compile {choice.model} for {device}")
+            loaded = self._compile(resolved, device)
+            with self._guard:
+                self._loaded[key] = loaded
+                while len(self._loaded) > self.max_loaded:
+                    evicted, _ = self._loaded.popitem(last=False)
+                    log.info("unloaded %s to stay within %d models", evicted, self.max_loaded)
+            return loaded
+
+    @staticmethod
+    def _compile(resolved: ResolvedModel, device: str) -> LoadedWhisper:
+        import openvino_genai as ov_genai
+
+        start = time.perf_counter()
+        pipeline = ov_genai.WhisperPipeline(str(resolved.path), device)
+        config = pipeline.get_generation_config()
+        return LoadedWhisper(
+            pipeline=pipeline,
+            resolved=resolved,
+            device=device,
+            multilingual=bool(config.is_multilingual),
+            lang_to_id=dict(config.lang_to_id),
+            load_seconds=time.perf_counter() - start,
+        )
+
+    # -- transcription ----------------------------------------------------------------------
+    def transcribe(
+        self,
+        audio: np.ndarray,
+        choice: ModelChoice,
+        options: TranscribeOptions = TranscribeOptions(),
+        progress: ProgressFn = no_progress,
+    ) -> Transcript:
+        """Transcribe (or translate to English) 16 kHz mono float32 audio of any length.
+
+        Steps: 1. refuse what the model cannot do; 2. load the model (once); 3. find speech with
+        voice activity detection and group it into windows of at most 30 s; 4. decode each window
+        with guards against repetition loops; 5. join the windows' segments on one time line.
+        """
+        loaded = self._prepare(choice, options, progress)
+        duration = audio.size / SAMPLE_RATE
+        progress(0.85, "find speech")
+        windows = self._windows(audio, duration, options)
+        return self._run_windows(
+            loaded, choice, options, duration,
+            ((w, audio[int(w.start * SAMPLE_RATE):int(w.end * SAMPLE_RATE)]) for w in windows),
+            len(windows), progress)
+
+    def transcribe_file(
+        self,
+        wav_path: Path,
+        choice: ModelChoice,
+        options: TranscribeOptions = TranscribeOptions(),
+        progress: ProgressFn = no_progress,
+    ) -> Transcript:
+        """Like :meth:`transcribe`, for a 16 kHz mono WAV of any length read one window at a time."""
+        import soundfile as sf
+
+        loaded = self._prepare(choice, options, progress)
+        duration = sf.info(str(wav_path)).duration
+        progress(0.85, "find speech")
+        regions = vad.speech_regions_from_file(wav_path) if options.vad else [(0.0, duration)]
+        windows = vad.plan_windows(regions, duration)
+        return self._run_windows(loaded, choice, options, duration, vad.iter_window_audio(wav_path, windows),
+                                 len(windows), progress)
+
+    def _prepare(self, choice: ModelChoice, options: TranscribeOptions, progress: ProgressFn) -> LoadedWhisper:
+        if options.task not in ("transcribe", "translate"):
+            raise TranscriptionRefused(f"Unknown task '{options.task}'; use 'transcribe' or 'translate'.")
+        refusal = translation_refusal(choice.model) if options.task == "translate" else None
+        if refusal:
+            raise TranscriptionRefused(refusal)
+        loaded = self.load(choice, progress)
+        if options.task == "translate" and not loaded.multilingual:
+            raise TranscriptionRefused(translation_refusal(choice.model, multilingual=False)
+                                       or f"{choice.model} is English-only and cannot translate.")
+        self._language_token(loaded, options.language)  # validate before any decoding
+        return loaded
+
+    @staticmethod
+    def _windows(audio: np.ndarray, duration: float, options: TranscribeOptions) -> list[vad.Window]:
+        regions = vad.speech_regions(audio) if options.vad else [(0.0, duration)]
+        return vad.plan_windows(regions, duration)
+
+    def _run_windows(
+        self,
+        loaded: LoadedWhisper,
+        choice: ModelChoice,
+        options: TranscribeOptions,
+        duration: float,
+        pieces: Iterable[tuple[vad.Window, np.ndarray]],
+        count: int,
+        progress: ProgressFn,
+    ) -> Transcript:
+        language = self._language_token(loaded, options.language)
+        segments: list[Segment] = []
+        texts: list[str] = []
+        detected: Optional[str] = None
+        for index, (window, samples) in enumerate(pieces):
+            progress(0.9 + 0.1 * index / max(count, 1), f"transcribe part {index + 1} of {count}")
+            decoded = self._decode(loaded, samples, options, language)
+            if detected is None and decoded.language:
+                detected = decoded.language
+                if language is None and loaded.multilingual:
+                    # one language for the whole recording: the first speech decides it
+                    language = f"<|{detected}|>"
+            window_end = window.end if window.end > window.start else duration
+            for chunk in decoded.chunks:
+                start = min(window.start + chunk.start, window_end)
+                end = min(max(window.start + chunk.end, start), window_end)
+                segments.append(Segment(start=round(start, 3), end=round(end, 3), text=chunk.text))
+            if decoded.text:
+                texts.append(decoded.text)
+        if language and not detected:
+            detected = language
+        return Transcript(
+            text=" ".join(texts).strip(),
+            language=(detected or "").strip("<|>") or None,
+            segments=tuple(segments) if options.timestamps else (),
+            task=options.task,
+            model=choice.model,
+            duration=round(duration, 3),
+        )
+
+    def _decode(self, loaded: LoadedWhisper, samples: np.ndarray, options: TranscribeOptions,
+                language: Optional[str]) -> "Decoded":
+        """One window (<= 30 s): greedy first; on a repetition loop, retry with sampling at rising
+        temperatures (as Whisper's reference decoder does) and keep the least repetitive result."""
+        seconds = samples.size / SAMPLE_RATE
+        candidates: list[Decoded] = []
+        for temperature in self.guards.temperatures:
+            config = loaded.pipeline.get_generation_config()  # a copy: this request's settings only
+            config.task = options.task if loaded.multilingual else None
+            config.language = language
+            config.return_timestamps = True
+            config.max_new_tokens = int(self.guards.base_tokens + self.guards.tokens_per_second * seconds)
+            if temperature > 0:
+                config.do_sample = True
+                config.temperature = temperature
+                config.rng_seed = self.guards.seed
+            with loaded.run_lock:
+                result = loaded.pipeline.generate(np.ascontiguousarray(samples, dtype=np.float32),
+                                                  generation_config=config)
+            decoded = Decoded.from_result(result, seconds)
+            candidates.append(decoded)
+            if not looks_degenerate(decoded.text, self.guards.compression_ratio_threshold):
+                return decoded
+            log.info("window of %.1f s looks degenerate at temperature %.1f: %r", seconds, temperature,
+                     decoded.text[:80])
+        best = min(candidates, key=lambda d: compression_ratio(d.text))
+        return best.without_repeats()
+
+    @staticmethod
+    def _language_token(loaded: LoadedWhisper, language: Optional[str]) -> Optional[str]:
+        if not language or language == "auto":
+            return None
+        code = language.strip().lower()
+        if code in LANGUAGES.values():  # a name like "german"
+            code = next(k for k, v in LANGUAGES.items() if v == code)
+        token = f"<|{code.strip('<|>')}|>"
+        if not loaded.multilingual:
+            if token != "<|en|>":
+                raise TranscriptionRefused(
+                    f"{loaded.resolved.reference} is English-only; it cannot transcribe '{language}'. "
+                    "Choose a multilingual model or leave the language on auto.")
+            return None
+        if token not in loaded.lang_to_id:
+            raise TranscriptionRefused(f"Language '{language}' is not one Whisper knows. Use a code such as "
+                                       "'en', 'de' or 'es', or leave it on auto-detect.")
+        return token
+
+
+
+@dataclass(frozen=True)
+class DecodeGuards:
+    """Limits that keep greedy decoding from looping (values from Whisper's reference decoder)."""
+
+    compression_ratio_threshold: float = 2.4
+    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8)
+    base_tokens: int = 24  # token budget per window: base + per second of audio
+    tokens_per_second: float = 7.0
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class Chunk:
+    start: float
+    end: float
+    text: str
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One window's decoding: text, timed chunks relative to the window, detected language."""
+
+    text: str
+    chunks: tuple[Chunk, ...]
+    language: Optional[str]
+
+    @classmethod
+    def from_result(cls, result: Any, seconds: float) -> "Decoded":
+        chunks = []
+        for chunk in result.chunks or []:
+            text = chunk.text.strip()
+            if is_empty_text(text):
+                continue  # "", ".", "..." and the like are silence, not speech
+            start = max(0.0, float(chunk.start_ts))
+            end = float(chunk.end_ts) if chunk.end_ts >= 0 else seconds
+            chunks.append(Chunk(start, max(start, end), text))
+        text = " ".join(c.text for c in chunks) if result.chunks else result.texts[0].strip()
+        if is_empty_text(text):
+            text = ""
+        language = (getattr(result, "language", "") or "").strip("<|>") or None
+        return cls(text=text, chunks=tuple(chunks), language=language)
+
+    def without_repeats(self) -> "Decoded":
+        """Cut a phrase loop that survived every fallback down to its first occurrences."""
+        kept: list[Chunk] = []
+        for chunk in self.chunks:
+            cleaned = collapse_repeats(chunk.text)
+            if kept and cleaned == kept[-1].text:
+                continue
+            kept.append(Chunk(chunk.start, chunk.end, cleaned))
+        text = " ".join(c.text for c in kept) if kept else collapse_repeats(self.text)
+        return Decoded(text=text, chunks=tuple(kept), language=self.language)
+
+
+_WORDS = re.compile(r"\w+", re.UNICODE)
+
+
+def is_empty_text(text: str) -> bool:
+    """True for text with no letters or digits (silence hallucinations such as "." or "...")."""
+    return not _WORDS.search(text or "")
+
+
+def compression_ratio(text: str) -> float:
+    """How well the text compresses: loops ("a coffee, a coffee, ...") compress far better than speech."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def longest_repeat_run(text: str, max_ngram: int = 6) -> int:
+    """The most consecutive repetitions of any word n-gram (n <= max_ngram) in ``text``."""
+    words = [w.lower() for w in _WORDS.findall(text)]
+    best = 1
+    for n in range(1, max_ngram + 1):
+        i = 0
+        while i + 2 * n <= len(words):
+            run = 1
+            while words[i + run * n:i + (run + 1) * n] == words[i:i + n]:
+                run += 1
+            best = max(best, run)
+            i += max(1, (run - 1) * n) if run > 1 else 1
+    return best
+
+
+def looks_degenerate(text: str, threshold: float = 2.4, max_run: int = 4) -> bool:
+    return compression_ratio(text) > threshold or longest_repeat_run(text) > max_run
+
+
+def collapse_repeats(text: str, max_ngram: int = 6, keep: int = 2) -> str:
+    """Keep at most ``keep`` consecutive copies of any repeated word n-gram (punctuation kept)."""
+    tokens = text.split()
+    keys = [" ".join(_WORDS.findall(t.lower())) for t in tokens]
+    n = max_ngram
+    while n >= 1:
+        i = 0
+        out_tokens, out_keys = [], []
+        while i < len(tokens):
+            run = 1
+            while keys[i + run * n:i + (run + 1) * n] == keys[i:i + n] and i + (run + 1) * n <= len(tokens):
+                run += 1
+            take = min(run, keep) * n if run > 1 else 1
+            out_tokens += tokens[i:i + take]
+            out_keys += keys[i:i + take]
+            i += run * n if run > 1 else 1
+        tokens, keys = out_tokens, out_keys
+        n -= 1
+    return " ".join(tokens)

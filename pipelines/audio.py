@@ -1,0 +1,127 @@
+"""Any audio or video file, or a microphone array -> 16 kHz mono float32 in [-1, 1].
+
+Decoding and resampling use PyAV (FFmpeg's libraries, shipped inside the wheel): one library reads
+wav, mp3, flac, ogg/opus, m4a/aac and the audio track of video containers, at any sample rate, and
+resamples with FFmpeg's swresample. Long files can be read piece by piece (:func:`iter_audio`) so an
+hour of audio never has to sit in memory at once.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used; the message says what is wrong and what to do."""
+
+
+def _open(path: Path):
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"The file {path.name} does not exist or is not a file.")
+    if path.stat().st_size == 0:
+        raise AudioError(f"The file {path.name} is empty. Record again or upload another file.")
+    try:
+        container = av.open(str(path))
+    except (av.error.InvalidDataError, av.error.FFmpegError, UnicodeDecodeError) as exc:
+        raise AudioError(
+            f"{path.name} is not a readable audio or video file. Upload wav, mp3, flac, ogg, m4a or a video."
+        ) from exc
+    if not container.streams.audio:
+        has_video = bool(container.streams.video)
+        container.close()
+        if has_video:
+            raise AudioError(f"{path.name} has no audio track. Upload a file with sound in it.")
+        raise AudioError(
+            f"{path.name} is not a readable audio or video file. Upload wav, mp3, flac, ogg, m4a or a video."
+        )
+    return container
+
+
+def iter_audio(path: Path | str, chunk_seconds: float = 30.0) -> Iterator[np.ndarray]:
+    """Yield consecutive pieces of about ``chunk_seconds`` of 16 kHz mono float32 audio."""
+    import av
+
+    chunk = int(chunk_seconds * SAMPLE_RATE)
+    container = _open(Path(path))
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+    pending: list[np.ndarray] = []
+    pending_len = 0
+    try:
+        stream = container.streams.audio[0]
+        frames = container.decode(stream)
+        while True:
+            try:
+                frame = next(frames)
+            except StopIteration:
+                frame = None
+            except av.error.FFmpegError as exc:
+                raise AudioError(f"{Path(path).name} could not be decoded to the end ({exc}).") from exc
+            for out in resampler.resample(frame):
+                data = out.to_ndarray().reshape(-1)
+                pending.append(data)
+                pending_len += data.size
+            while pending_len >= chunk:
+                joined = np.concatenate(pending)
+                yield joined[:chunk]
+                rest = joined[chunk:]
+                pending, pending_len = [rest], rest.size
+            if frame is None:
+                break
+    finally:
+        container.close()
+    if pending_len:
+        yield np.concatenate(pending)
+
+
+def load_audio(path: Path | str) -> np.ndarray:
+    """The whole file as 16 kHz mono float32. Raises AudioError for unusable input."""
+    pieces = list(iter_audio(path, chunk_seconds=60.0))
+    audio = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+    return check_audio(audio, Path(path).name)
+
+
+def from_array(sample_rate: int, data: np.ndarray) -> np.ndarray:
+    """A microphone recording (Gradio gives (rate, int16 array, maybe stereo)) -> 16 kHz mono float32."""
+    import av
+
+    data = np.asarray(data)
+    if data.size == 0:
+        raise AudioError("The recording is empty. Record again, a little longer.")
+    if data.ndim == 1:
+        data = data[:, None]
+    if np.issubdtype(data.dtype, np.integer):
+        data = data.astype(np.float32) / float(np.iinfo(data.dtype).max + 1)
+    mono = data.astype(np.float32).mean(axis=1)
+    frame = av.AudioFrame.from_ndarray(mono[None, :], format="flt", layout="mono")
+    frame.sample_rate = int(sample_rate)
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+    out = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+    out += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    return check_audio(np.concatenate(out) if out else np.zeros(0, np.float32), "The recording")
+
+
+def check_audio(audio: np.ndarray, name: str) -> np.ndarray:
+    if audio.size < SAMPLE_RATE // 10:
+        raise AudioError(f"{name} holds no audio (or less than 0.1 s). Record or upload a longer clip.")
+    if not np.isfinite(audio).all():
+        raise AudioError(f"{name} holds invalid samples (NaN or infinity).")
+    return np.clip(audio, -1.0, 1.0).astype(np.float32, copy=False)
+
+
+def duration_of(path: Path | str) -> float:
+    """Duration in seconds from the container (0.0 when unknown), without decoding."""
+    container = _open(Path(path))
+    try:
+        stream = container.streams.audio[0]
+        if stream.duration is not None and stream.time_base is not None:
+            return float(stream.duration * stream.time_base)
+        return float(container.duration or 0) / 1_000_000
+    finally:
+        container.close()

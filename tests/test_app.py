@@ -1,0 +1,120 @@
+"""The app: instant --help, no model at start, the Speech tab's handler and its /transcribe endpoint."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pysubs2
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_help_answers_at_once_and_lists_the_flags():
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "app.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert time.perf_counter() - start < 5.0
+    for flag in ("--host", "--port", "--share", "--models-dir", "--device", "--model"):
+        assert flag in out.stdout
+
+
+def test_importing_the_app_does_no_work(tmp_path):
+    code = ("import sys, app; heavy = [m for m in ('openvino', 'openvino_genai', 'torch', 'gradio') if m in sys.modules];"
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def demo(services):
+    from app import build_app
+
+    return build_app(services)
+
+
+def test_blocks_build_without_loading_a_model(demo, services):
+    assert services.whisper.loaded_keys() == []
+    names = {d.get("api_name") for d in demo.config["dependencies"]}
+    assert "transcribe" in names
+
+
+def test_handler_returns_text_language_segments_and_valid_files(services, tiny_whisper_hf, english_clip):
+    from ui.speech_tab import make_transcribe_handler
+
+    handler = make_transcribe_handler(services)
+    text, language, segments, files = handler(str(english_clip), None, str(tiny_whisper_hf), "fp16", "CPU",
+                                              "transcribe", "en", True, progress=lambda *a, **k: None)
+    assert isinstance(text, str) and language == "en"
+    assert {Path(f).suffix for f in files} == {".srt", ".vtt", ".txt", ".json"}
+    srt = next(f for f in files if f.endswith(".srt"))
+    vtt = next(f for f in files if f.endswith(".vtt"))
+    assert len(pysubs2.load(srt)) == len(pysubs2.load(vtt))
+    assert Path(vtt).read_text().startswith("WEBVTT")
+    data = json.loads(Path(next(f for f in files if f.endswith(".json"))).read_text())
+    assert data["language"] == "en" and data["text"] == text
+    for row in segments:
+        assert float(row[0]) <= float(row[1])
+
+
+@pytest.mark.parametrize("args, message", [
+    ((None, None), "No audio was given"),
+    (("README.md", None), "not a readable audio"),
+])
+def test_handler_errors_are_clear_gradio_errors(services, tiny_whisper_hf, args, message):
+    import gradio as gr
+
+    from ui.speech_tab import make_transcribe_handler
+
+    handler = make_transcribe_handler(services)
+    with pytest.raises(gr.Error, match=message):
+        handler(*args, str(tiny_whisper_hf), "fp16", "CPU", "transcribe", "auto", True,
+                progress=lambda *a, **k: None)
+
+
+def test_translate_on_english_only_model_is_a_clear_error(services, english_clip):
+    import gradio as gr
+
+    from ui.speech_tab import make_transcribe_handler
+
+    with pytest.raises(gr.Error, match="English-only"):
+        make_transcribe_handler(services)(str(english_clip), None, "openai/whisper-tiny.en", "fp16", "CPU",
+                                          "translate", "auto", True, progress=lambda *a, **k: None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(demo):
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def test_gradio_client_transcribe_endpoint(server, tiny_whisper_hf, english_clip):
+    from gradio_client import Client, handle_file
+
+    client = Client(server, verbose=False)
+    text, language, segments, files = client.predict(
+        audio=handle_file(str(english_clip)), media_file=None, model=str(tiny_whisper_hf), precision="fp16",
+        device="CPU", task="transcribe", language="en", timestamps=True, api_name="/transcribe")
+    assert isinstance(text, str) and language == "en"
+    assert isinstance(segments, dict) and segments["headers"] == ["start", "end", "text"]
+    assert sorted(Path(f).suffix for f in files) == [".json", ".srt", ".txt", ".vtt"]
+
+
+def test_gradio_client_gets_the_error_message(server, tiny_whisper_hf):
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)
+    with pytest.raises(Exception, match="No audio was given"):
+        client.predict(audio=None, media_file=None, model=str(tiny_whisper_hf), precision="fp16", device="CPU",
+                       task="transcribe", language="auto", timestamps=True, api_name="/transcribe")

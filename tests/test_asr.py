@@ -1,0 +1,136 @@
+"""WhisperService on the tiny random model: structure, timestamps, load-once, errors."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.asr import TranscriptionRefused, WhisperService
+from pipelines.audio import AudioError, load_audio
+from pipelines.types import ModelChoice, TranscribeOptions
+
+
+@pytest.fixture(scope="module")
+def service(whisper_store):
+    return WhisperService(whisper_store, max_loaded=2)
+
+
+@pytest.fixture(scope="module")
+def choice(tiny_whisper_hf):
+    return ModelChoice(model=str(tiny_whisper_hf), precision="fp16", device="CPU")
+
+
+def test_transcript_structure(service, choice, english_clip):
+    audio = load_audio(english_clip)
+    transcript = service.transcribe(audio, choice, TranscribeOptions(language="en", timestamps=True))
+    assert isinstance(transcript.text, str)
+    assert transcript.duration == pytest.approx(audio.size / 16000, abs=0.01)
+    assert transcript.model == choice.model and transcript.task == "transcribe"
+    assert transcript.language == "en"  # a language forced by the user is reported back
+    for seg in transcript.segments:
+        assert 0.0 <= seg.start <= seg.end <= transcript.duration
+    starts = [s.start for s in transcript.segments]
+    assert starts == sorted(starts)
+
+
+def test_language_detection_reports_a_whisper_language(service, choice, english_clip):
+    from pipelines.whisper_models import LANGUAGES
+
+    transcript = service.transcribe(load_audio(english_clip), choice, TranscribeOptions())
+    assert transcript.language in LANGUAGES  # random weights: any language, but a real code
+
+
+def test_long_audio_is_transcribed_whole_with_timestamps_across_it(service, choice, english_clip):
+    clip = load_audio(english_clip)
+    audio = np.concatenate([clip, np.zeros(16000, np.float32)] * 14)  # ~70 s
+    transcript = service.transcribe(audio, choice, TranscribeOptions(language="en"))
+    assert transcript.duration > 60
+    assert transcript.segments, "long audio gave no segments"
+    assert max(s.end for s in transcript.segments) > 30.0, "timestamps stop at the first 30 s window"
+    assert all(s.end <= transcript.duration for s in transcript.segments)
+
+
+def test_timestamps_off_gives_text_without_segments(service, choice, english_clip):
+    transcript = service.transcribe(load_audio(english_clip), choice,
+                                    TranscribeOptions(language="en", timestamps=False))
+    assert transcript.segments == ()
+
+
+def test_model_loads_once_under_concurrent_requests(whisper_store, choice, english_clip, monkeypatch):
+    service = WhisperService(whisper_store)
+    compiled = []
+    original = WhisperService._compile
+
+    def counting(resolved, device):
+        compiled.append(resolved.path)
+        return original(resolved, device)
+
+    monkeypatch.setattr(WhisperService, "_compile", staticmethod(counting))
+    audio = load_audio(english_clip)
+    results, errors = [], []
+
+    def run(lang):
+        try:
+            results.append(service.transcribe(audio, choice, TranscribeOptions(language=lang)).language)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(lang,)) for lang in ("en", "de", "es", "fr")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(compiled) == 1
+    assert sorted(results) == ["de", "en", "es", "fr"]  # each request kept its own language
+
+
+def test_loaded_models_are_bounded(whisper_store, choice, tiny_whisper_hf, tiny_whisper_ir):
+    service = WhisperService(whisper_store, max_loaded=1)
+    service.load(choice)
+    service.load(ModelChoice(model=str(tiny_whisper_ir), device="CPU"))
+    assert service.loaded_keys() == [(str(tiny_whisper_ir), "fp16", "CPU")]
+
+
+@pytest.mark.parametrize("model", ["bundled/whisper-tiny.en", "openai/whisper-base.en",
+                                   "openai/whisper-large-v3-turbo"])
+def test_translate_on_a_model_that_cannot_is_refused_before_loading(service, model):
+    with pytest.raises(TranscriptionRefused, match="(English-only|transcription only)"):
+        service.transcribe(np.zeros(16000, np.float32), ModelChoice(model=model),
+                           TranscribeOptions(task="translate"))
+
+
+def test_unknown_language_and_device_are_refused(service, choice):
+    with pytest.raises(TranscriptionRefused, match="not one Whisper knows"):
+        service.transcribe(np.zeros(16000, np.float32), choice, TranscribeOptions(language="xx"))
+    with pytest.raises(ValueError, match="Device 'TPU' is not available"):
+        service.transcribe(np.zeros(16000, np.float32), ModelChoice(choice.model, device="TPU"))
+
+
+def test_empty_and_non_audio_files_are_explained(tmp_path):
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    with pytest.raises(AudioError, match="empty"):
+        load_audio(empty)
+    text = tmp_path / "notes.mp3"
+    text.write_text("this is not audio at all\n" * 50)
+    with pytest.raises(AudioError, match="not a readable audio"):
+        load_audio(text)
+    silence = tmp_path / "tiny.wav"
+    from conftest import write_wav
+
+    write_wav(silence, np.zeros(100, np.float32))
+    with pytest.raises(AudioError, match="no audio"):
+        load_audio(silence)
+
+
+def test_decoding_resamples_any_rate_and_format_to_16k_mono(tmp_path, english_clip):
+    import subprocess
+
+    stereo = tmp_path / "stereo.ogg"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(english_clip), "-ac", "2", "-ar", "44100",
+                    str(stereo)], check=True)
+    a, b = load_audio(english_clip), load_audio(stereo)
+    assert b.dtype == np.float32 and b.ndim == 1
+    assert abs(a.size - b.size) < 16000 * 0.1

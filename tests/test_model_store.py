@@ -1,0 +1,123 @@
+"""The model store: export path, atomic version-keyed folders, load-once, clear offline errors."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.cache import READY_MARKER, AtomicFolderCache
+from pipelines.model_store import TOKENIZER_IR_FILES, WHISPER_IR_FILES, ModelUnavailable, WhisperModelStore
+
+
+def test_hf_checkpoint_exports_to_ir_with_tokenizers(tiny_whisper_ir, models_dir, tiny_whisper_hf):
+    for name in WHISPER_IR_FILES + TOKENIZER_IR_FILES:
+        assert (tiny_whisper_ir / name).is_file(), name
+    # keyed by model, revision (content fingerprint), precision and converter versions, under the cache
+    assert models_dir in tiny_whisper_ir.parents
+    assert tiny_whisper_ir.name.startswith("fp16-ov")
+    marker = json.loads((tiny_whisper_ir / READY_MARKER).read_text())
+    assert marker["source"] == "hf" and "openvino" in marker["converters"]
+    # nothing half-written is left behind
+    assert not list(models_dir.rglob(".tmp-*"))
+
+
+def test_second_resolve_reuses_the_cache(whisper_store, tiny_whisper_hf, tiny_whisper_ir):
+    start = time.perf_counter()
+    again = whisper_store.resolve(str(tiny_whisper_hf), "fp16")
+    assert again.path == tiny_whisper_ir
+    assert time.perf_counter() - start < 2.0
+
+
+def test_local_ir_folder_is_used_in_place(whisper_store, tiny_whisper_ir):
+    resolved = whisper_store.resolve(str(tiny_whisper_ir), "fp16")
+    assert resolved.path == tiny_whisper_ir.resolve() and resolved.source == "local-ir"
+
+
+def test_int8_weight_compression_holds_int8_weights(whisper_store, tiny_whisper_hf):
+    import openvino as ov
+
+    resolved = whisper_store.resolve(str(tiny_whisper_hf), "int8")
+    model = ov.Core().read_model(resolved.path / "openvino_decoder_model.xml")
+    types = {op.get_output_element_type(0).get_type_name() for op in model.get_ops() if op.get_type_name() == "Constant"}
+    assert "u8" in types or "i8" in types
+    assert json.loads((resolved.path / READY_MARKER).read_text())["method"].startswith("weight-only")
+
+
+def test_offline_hub_model_names_the_model_and_the_way_out(tmp_path):
+    store = WhisperModelStore(tmp_path)
+    with pytest.raises(ModelUnavailable) as err:
+        store.resolve("openai/whisper-large-v3", "fp16")
+    message = str(err.value)
+    assert "openai/whisper-large-v3" in message and "local folder" in message
+    assert not [p for p in tmp_path.rglob("*") if p.is_dir() and not p.name.startswith(".")
+                and (p / "openvino_encoder_model.xml").exists()]
+
+
+@pytest.mark.parametrize("reference, expected", [
+    ("/no/such/folder", "does not exist"),
+    ("not a model id!", "neither a local folder"),
+    ("", "No model"),
+])
+def test_bad_references_are_explained(tmp_path, reference, expected):
+    with pytest.raises(ModelUnavailable, match=expected):
+        WhisperModelStore(tmp_path).resolve(reference, "fp16")
+
+
+def test_folder_without_a_model_is_explained(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ModelUnavailable, match="does not hold a Whisper model"):
+        WhisperModelStore(tmp_path / "cache").resolve(str(tmp_path), "fp16")
+
+
+def test_unknown_precision_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="Precision 'fp8'"):
+        WhisperModelStore(tmp_path).resolve("openai/whisper-base", "fp8")
+
+
+def test_crash_mid_build_leaves_no_folder_and_next_build_succeeds(tmp_path):
+    cache = AtomicFolderCache(tmp_path)
+    target = tmp_path / "m" / "fp16-x"
+
+    def crashing(tmp: Path):
+        (tmp / "half.bin").write_bytes(b"0" * 100)
+        raise RuntimeError("killed mid-export")
+
+    with pytest.raises(RuntimeError):
+        cache.get_or_build(target, crashing)
+    assert not target.exists() and not list(target.parent.glob(".tmp-*"))
+
+    # a crash that could not clean up (process killed): the stale temp folder is never used and is swept
+    stale = target.parent / f".tmp-{target.name}-dead"
+    stale.mkdir()
+    (stale / "half.bin").write_bytes(b"0")
+    # and a folder without the ready marker is not trusted either
+    target.mkdir()
+    (target / "partial.bin").write_bytes(b"0")
+    assert not cache.ready(target)
+
+    built = cache.get_or_build(target, lambda tmp: (tmp / "model.bin").write_bytes(b"ok") and None)
+    assert (built / "model.bin").read_bytes() == b"ok" and not (built / "partial.bin").exists()
+    assert not stale.exists()
+
+
+def test_concurrent_requests_build_once(tmp_path):
+    cache = AtomicFolderCache(tmp_path)
+    target = tmp_path / "m" / "fp16-x"
+    calls = []
+
+    def slow_build(tmp: Path):
+        calls.append(1)
+        time.sleep(0.3)
+        (tmp / "model.bin").write_bytes(b"ok")
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get_or_build(target, slow_build)))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and results == [target] * 4

@@ -1,0 +1,1 @@
+"""Gradio tabs. They receive services and never load a model themselves."""
