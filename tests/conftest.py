@@ -99,3 +99,44 @@ def write_wav(path: Path, audio: np.ndarray, rate: int = 16000) -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+SPEECH_CLIPS = json.loads((Path(__file__).parent / "data" / "speech_clips.json").read_text())
+LEAD_SILENCE, TAIL_SILENCE = 2.0, 3.0
+
+
+@pytest.fixture(scope="session")
+def speech_clips(tmp_path_factory) -> dict[str, dict]:
+    """Spoken clips (espeak-ng) with their reference texts, padded with silence at both ends.
+
+    Returns name -> {"path", "text", "language", "speech": (start, end) seconds}.
+    """
+    from pipelines.audio import load_audio
+
+    folder = tmp_path_factory.mktemp("speech")
+    clips = {}
+    for name, meta in SPEECH_CLIPS.items():
+        raw = folder / f"{name}.raw.wav"
+        if shutil.which("espeak-ng") is None:
+            pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+        subprocess.run(["espeak-ng", "-v", meta["voice"], "-s", str(meta["speed"]), "-w", str(raw), meta["text"]],
+                       check=True)
+        speech = load_audio(raw)
+        padded = np.concatenate([np.zeros(int(LEAD_SILENCE * 16000), np.float32), speech,
+                                 np.zeros(int(TAIL_SILENCE * 16000), np.float32)])
+        path = write_wav(folder / f"{name}.wav", padded)
+        clips[name] = dict(meta, path=path, speech=(LEAD_SILENCE, LEAD_SILENCE + speech.size / 16000))
+    return clips
+
+
+def normalised_words(text: str) -> str:
+    import jiwer
+
+    return jiwer.Compose([jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.RemoveMultipleSpaces(),
+                          jiwer.Strip()])(text)
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    import jiwer
+
+    return jiwer.wer(normalised_words(reference), normalised_words(hypothesis))

