@@ -25,7 +25,7 @@ from .audio import SAMPLE_RATE
 from .cache import ProgressFn, no_progress
 from .devices import validate_device
 from .model_store import ResolvedModel, WhisperModelStore
-from .types import ModelChoice, Segment, TranscribeOptions, Transcript
+from .types import ModelChoice, Segment, TranscribeOptions, Transcript, Word
 from .whisper_models import LANGUAGES, translation_refusal
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class LoadedWhisper:
     multilingual: bool
     lang_to_id: dict[str, int]
     load_seconds: float
+    word_timestamps: bool = False
     run_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -89,12 +90,21 @@ class WhisperService:
                     log.info("unloaded %s to stay within %d models", evicted, self.max_loaded)
             return loaded
 
-    @staticmethod
-    def _compile(resolved: ResolvedModel, device: str) -> LoadedWhisper:
+    def _compile(self, resolved: ResolvedModel, device: str) -> LoadedWhisper:
+        """Build the pipeline with word timestamps available (they need alignment heads in the
+        model's generation config; without them, plain segments) and OpenVINO's compiled-model
+        cache under the models folder, so a later start compiles faster."""
         import openvino_genai as ov_genai
 
         start = time.perf_counter()
-        pipeline = ov_genai.WhisperPipeline(str(resolved.path), device)
+        properties = {"CACHE_DIR": str(self.store.root / "ov_compile_cache")}
+        try:
+            pipeline = ov_genai.WhisperPipeline(str(resolved.path), device, word_timestamps=True, **properties)
+            words = True
+        except RuntimeError as exc:
+            log.info("word timestamps unavailable for %s (%s)", resolved.reference, exc)
+            pipeline = ov_genai.WhisperPipeline(str(resolved.path), device, **properties)
+            words = False
         config = pipeline.get_generation_config()
         return LoadedWhisper(
             pipeline=pipeline,
@@ -103,6 +113,7 @@ class WhisperService:
             multilingual=bool(config.is_multilingual),
             lang_to_id=dict(config.lang_to_id),
             load_seconds=time.perf_counter() - start,
+            word_timestamps=words,
         )
 
     # -- transcription ----------------------------------------------------------------------
@@ -190,7 +201,9 @@ class WhisperService:
             for chunk in decoded.chunks:
                 start = min(window.start + chunk.start, window_end)
                 end = min(max(window.start + chunk.end, start), window_end)
-                segments.append(Segment(start=round(start, 3), end=round(end, 3), text=chunk.text))
+                words = tuple(Word(w.text, round(min(window.start + w.start, window_end), 3),
+                                   round(min(window.start + w.end, window_end), 3)) for w in chunk.words)
+                segments.append(Segment(start=round(start, 3), end=round(end, 3), text=chunk.text, words=words))
             if decoded.text:
                 texts.append(decoded.text)
         if language and not detected:
@@ -215,6 +228,7 @@ class WhisperService:
             config.task = options.task if loaded.multilingual else None
             config.language = language
             config.return_timestamps = True
+            config.word_timestamps = bool(options.word_timestamps and loaded.word_timestamps)
             config.max_new_tokens = int(self.guards.base_tokens + self.guards.tokens_per_second * seconds)
             if temperature > 0:
                 config.do_sample = True
@@ -269,6 +283,7 @@ class Chunk:
     start: float
     end: float
     text: str
+    words: tuple[Word, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -289,6 +304,7 @@ class Decoded:
             start = max(0.0, float(chunk.start_ts))
             end = float(chunk.end_ts) if chunk.end_ts >= 0 else seconds
             chunks.append(Chunk(start, max(start, end), text))
+        chunks = _attach_words(chunks, result.words or [])
         text = " ".join(c.text for c in chunks) if result.chunks else result.texts[0].strip()
         if is_empty_text(text):
             text = ""
@@ -302,9 +318,23 @@ class Decoded:
             cleaned = collapse_repeats(chunk.text)
             if kept and cleaned == kept[-1].text:
                 continue
-            kept.append(Chunk(chunk.start, chunk.end, cleaned))
+            kept.append(Chunk(chunk.start, chunk.end, cleaned, chunk.words if cleaned == chunk.text else ()))
         text = " ".join(c.text for c in kept) if kept else collapse_repeats(self.text)
         return Decoded(text=text, chunks=tuple(kept), language=self.language)
+
+
+def _attach_words(chunks: list[Chunk], words: Iterable[Any]) -> list[Chunk]:
+    """Give each chunk the words whose middle falls inside it (GenAI returns words separately)."""
+    buckets: list[list[Word]] = [[] for _ in chunks]
+    for w in words:
+        text = w.word.strip()
+        if not text or not chunks:
+            continue
+        middle = (float(w.start_ts) + float(w.end_ts)) / 2
+        index = next((i for i, c in enumerate(chunks) if c.start <= middle <= c.end),
+                     min(range(len(chunks)), key=lambda i: abs((chunks[i].start + chunks[i].end) / 2 - middle)))
+        buckets[index].append(Word(text, max(0.0, float(w.start_ts)), max(0.0, float(w.end_ts))))
+    return [Chunk(c.start, c.end, c.text, tuple(b)) for c, b in zip(chunks, buckets)]
 
 
 _WORDS = re.compile(r"\w+", re.UNICODE)

@@ -63,11 +63,11 @@ def test_model_loads_once_under_concurrent_requests(whisper_store, choice, engli
     compiled = []
     original = WhisperService._compile
 
-    def counting(resolved, device):
+    def counting(self, resolved, device):
         compiled.append(resolved.path)
-        return original(resolved, device)
+        return original(self, resolved, device)
 
-    monkeypatch.setattr(WhisperService, "_compile", staticmethod(counting))
+    monkeypatch.setattr(WhisperService, "_compile", counting)
     audio = load_audio(english_clip)
     results, errors = [], []
 

@@ -74,6 +74,19 @@ def test_translation_is_english_bounded_and_loop_free(whisper, speech_clips, nam
     assert_well_timed(transcript, clip)
 
 
+def test_word_timestamps_lie_inside_their_segments(whisper, speech_clips):
+    clip = speech_clips["german"]
+    transcript = transcribe(whisper, clip, word_timestamps=True)
+    words = [w for s in transcript.segments for w in s.words]
+    assert len(words) >= len(clip["text"].split()) // 2
+    for seg in transcript.segments:
+        for w in seg.words:
+            assert seg.start - 0.5 <= w.start <= w.end <= seg.end + 0.5
+    starts = [w.start for w in words]
+    assert starts == sorted(starts)
+    assert clip["speech"][0] - 0.6 <= words[0].start and words[-1].end <= clip["speech"][1] + 0.6
+
+
 def test_silence_and_quiet_noise_yield_no_text(whisper):
     rng = np.random.default_rng(0)
     for audio in (np.zeros(16000 * 12, np.float32), (rng.standard_normal(16000 * 12) * 0.003).astype(np.float32)):

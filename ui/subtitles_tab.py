@@ -75,7 +75,7 @@ def make_subtitles_handler(services: Services, yt_factory=youtube.YouTube):
             burn_in: also make a copy of the video with the subtitles burned in.
             soft_track: also make a copy with the subtitles as a selectable track.
         Returns:
-            (video, vtt) for the player, the subtitle text, and files [srt, vtt, ...videos].
+            the player (the video with its WebVTT subtitles), the subtitle text, and files [srt, vtt, ...videos].
         """
         report = progress_fn(progress)
         try:
@@ -84,7 +84,8 @@ def make_subtitles_handler(services: Services, yt_factory=youtube.YouTube):
                                    precision=precision or "fp16",
                                    device=validate_device(device or services.settings.default_device)),
                 options=TranscribeOptions(task=task or "transcribe",
-                                          language=None if language in (None, "", AUTO_LANGUAGE) else language),
+                                          language=None if language in (None, "", AUTO_LANGUAGE) else language,
+                                          word_timestamps=True),  # cue times follow the words
                 rules=CueRules(max_line_chars=int(max_line_chars or 42), max_duration=float(max_duration or 6.0)),
                 url=url or None,
                 video_path=Path(video_file) if video_file else None,
@@ -97,7 +98,9 @@ def make_subtitles_handler(services: Services, yt_factory=youtube.YouTube):
         except USER_ERRORS as exc:
             raise gr.Error(_message(exc)) from exc
         files = [str(result.files[k]) for k in ("srt", "vtt", "burned", "muxed") if k in result.files]
-        player = (str(result.video), str(result.files["vtt"])) if result.video else None
+        # Gradio 6's Video takes its subtitles as a property, not as a (video, subtitles) value
+        player = (gr.update(value=str(result.video), subtitles=str(result.files["vtt"])) if result.video
+                  else gr.update(value=None, subtitles=None))
         text = "\n".join(f"[{c.start:.2f} → {c.end:.2f}] {c.text}" for c in result.cues)
         for note in result.notes:
             gr.Info(note)
