@@ -91,20 +91,15 @@ class WhisperService:
             return loaded
 
     def _compile(self, resolved: ResolvedModel, device: str) -> LoadedWhisper:
-        """Build the pipeline with word timestamps available (they need alignment heads in the
-        model's generation config; without them, plain segments) and OpenVINO's compiled-model
-        cache under the models folder, so a later start compiles faster."""
+        """Build the pipeline with word timestamps available when the model's generation config has
+        alignment heads (GenAI refuses word timestamps without them), and with OpenVINO's
+        compiled-model cache under the models folder, so a later start compiles faster."""
         import openvino_genai as ov_genai
 
         start = time.perf_counter()
         properties = {"CACHE_DIR": str(self.store.root / "ov_compile_cache")}
-        try:
-            pipeline = ov_genai.WhisperPipeline(str(resolved.path), device, word_timestamps=True, **properties)
-            words = True
-        except RuntimeError as exc:
-            log.info("word timestamps unavailable for %s (%s)", resolved.reference, exc)
-            pipeline = ov_genai.WhisperPipeline(str(resolved.path), device, **properties)
-            words = False
+        with_words = self._has_alignment_heads(resolved.path)
+        pipeline = ov_genai.WhisperPipeline(str(resolved.path), device, word_timestamps=with_words, **properties)
         config = pipeline.get_generation_config()
         return LoadedWhisper(
             pipeline=pipeline,
@@ -113,8 +108,18 @@ class WhisperService:
             multilingual=bool(config.is_multilingual),
             lang_to_id=dict(config.lang_to_id),
             load_seconds=time.perf_counter() - start,
-            word_timestamps=words,
+            word_timestamps=with_words,
         )
+
+    @staticmethod
+    def _has_alignment_heads(folder: Path) -> bool:
+        import json
+
+        try:
+            config = json.loads((folder / "generation_config.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return bool(config.get("alignment_heads"))
 
     # -- transcription ----------------------------------------------------------------------
     def transcribe(

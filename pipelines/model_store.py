@@ -68,8 +68,9 @@ def _is_hf_whisper(folder: Path) -> bool:
 class WhisperModelStore:
     """Resolves Whisper references to cached OpenVINO IR, converting on first use."""
 
-    def __init__(self, root: Path | str | None = None):
+    def __init__(self, root: Path | str | None = None, calibration_dir: Optional[Path] = None):
         self.root = Path(root) if root is not None else default_models_dir()
+        self.calibration_dir = calibration_dir  # own recordings for INT8 calibration (else spoken sentences)
         self.cache = AtomicFolderCache(self.root)
 
     # -- public -----------------------------------------------------------------------------
@@ -208,27 +209,43 @@ class WhisperModelStore:
             raise RuntimeError(f"Export of {hf_dir} did not produce {', '.join(missing)}.")
 
     def _int8_from(self, base: ResolvedModel, progress: ProgressFn) -> Path:
-        """Weight-only INT8 compression (NNCF) of an FP16 IR folder."""
+        """INT8 of an FP16 IR folder: calibrated hybrid PTQ when calibration audio exists, else
+        weight-only compression. The marker file records which method made the folder."""
+        from . import quantize
+
         key = base.path.name if base.source != "local-ir" else folder_fingerprint(base.path)
         target = self.root / "whisper" / slug(base.reference) / "int8" / f"{key}-{versions_key()}"
 
         def build(tmp: Path) -> dict:
-            import nncf
-            import openvino as ov
-
-            core = ov.Core()
-            shutil.copytree(base.path, tmp, dirs_exist_ok=True)
-            for name in WHISPER_IR_FILES:
-                progress(0.6, f"compress {name} to INT8")
-                model = core.read_model(base.path / name)
-                compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-                (tmp / name).unlink()
-                (tmp / name.replace(".xml", ".bin")).unlink()
-                ov.save_model(compressed, tmp / name, compress_to_fp16=False)
-            return {"precision": "int8", "method": "weight-only INT8_ASYM (nncf.compress_weights)",
-                    "from": str(base.path)}
+            try:
+                progress(0.4, "make calibration audio")
+                clips, origin = quantize.calibration_audio(self.calibration_dir)
+            except quantize.CalibrationUnavailable as exc:
+                log.warning("INT8 for %s: %s; using weight-only compression", base.reference, exc)
+                return self._compress_weights(base.path, tmp, progress, reason=str(exc))
+            progress(0.5, f"quantize to INT8 with {len(clips)} calibration clips")
+            facts = quantize.quantize_whisper(base.path, tmp, clips)
+            return {"precision": "int8", "method": "hybrid: PTQ encoder + weight-only decoder",
+                    "calibration": origin, **facts, "from": str(base.path)}
 
         return self.cache.get_or_build(target, build)
+
+    @staticmethod
+    def _compress_weights(source: Path, tmp: Path, progress: ProgressFn, reason: str) -> dict:
+        import nncf
+        import openvino as ov
+
+        core = ov.Core()
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        for name in WHISPER_IR_FILES:
+            progress(0.6, f"compress {name} to INT8")
+            model = core.read_model(source / name)
+            compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+            (tmp / name).unlink()
+            (tmp / name.replace(".xml", ".bin")).unlink()
+            ov.save_model(compressed, tmp / name, compress_to_fp16=False)
+        return {"precision": "int8", "method": "weight-only INT8_ASYM (nncf.compress_weights)",
+                "why_not_calibrated": reason, "from": str(source)}
 
     def _scratch(self) -> tempfile.TemporaryDirectory:
         """A scratch folder beside the cache (same disk), removed afterwards."""

@@ -69,8 +69,11 @@ def make_subtitles(
                                      f"accepts up to {request.max_seconds / 60:.0f} minutes.")
         media = youtube.download_audio(url, work_dir, yt_factory=yt_factory,
                                        progress=lambda f: progress(0.02 + 0.18 * f, "download audio"))
-        player = youtube.download_preview(url, work_dir, yt_factory=yt_factory,
-                                          progress=lambda f: progress(0.2 + 0.05 * f, "download preview"))
+        try:
+            player = youtube.download_preview(url, work_dir, yt_factory=yt_factory,
+                                              progress=lambda f: progress(0.2 + 0.05 * f, "download preview"))
+        except youtube.NoSuitableStream:
+            player = media  # no progressive stream to preview: subtitles from the audio alone
     elif request.video_path:
         media = player = Path(request.video_path)
     else:

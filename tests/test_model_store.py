@@ -36,14 +36,30 @@ def test_local_ir_folder_is_used_in_place(whisper_store, tiny_whisper_ir):
     assert resolved.path == tiny_whisper_ir.resolve() and resolved.source == "local-ir"
 
 
-def test_int8_weight_compression_holds_int8_weights(whisper_store, tiny_whisper_hf):
-    import openvino as ov
+def test_int8_is_calibrated_ptq_encoder_and_int8_weight_decoder(whisper_store, tiny_whisper_hf):
+    from pipelines.quantize import count_int8
 
     resolved = whisper_store.resolve(str(tiny_whisper_hf), "int8")
-    model = ov.Core().read_model(resolved.path / "openvino_decoder_model.xml")
-    types = {op.get_output_element_type(0).get_type_name() for op in model.get_ops() if op.get_type_name() == "Constant"}
-    assert "u8" in types or "i8" in types
-    assert json.loads((resolved.path / READY_MARKER).read_text())["method"].startswith("weight-only")
+    encoder = count_int8(resolved.path / "openvino_encoder_model.xml")
+    decoder = count_int8(resolved.path / "openvino_decoder_model.xml")
+    assert encoder["fake_quantize"] >= 8 and encoder["int8_constants"] >= 8  # activations and weights
+    assert decoder["int8_constants"] >= 8
+    marker = json.loads((resolved.path / READY_MARKER).read_text())
+    assert marker["method"].startswith("hybrid") and marker["calibration_clips"] >= 8
+    for name in TOKENIZER_IR_FILES:
+        assert (resolved.path / name).is_file()
+
+
+def test_int8_without_calibration_audio_falls_back_to_weight_only(tmp_path, tiny_whisper_ir, monkeypatch):
+    from pipelines import quantize
+    from pipelines.quantize import count_int8
+
+    monkeypatch.setattr(quantize.shutil, "which", lambda name: None)  # no espeak-ng, no folder given
+    resolved = WhisperModelStore(tmp_path).resolve(str(tiny_whisper_ir), "int8")
+    assert count_int8(resolved.path / "openvino_decoder_model.xml")["int8_constants"] >= 8
+    assert count_int8(resolved.path / "openvino_encoder_model.xml")["fake_quantize"] == 0
+    marker = json.loads((resolved.path / READY_MARKER).read_text())
+    assert marker["method"].startswith("weight-only") and "espeak-ng" in marker["why_not_calibrated"]
 
 
 def test_offline_hub_model_names_the_model_and_the_way_out(tmp_path):
