@@ -1,79 +1,326 @@
 """Voice Studio: Whisper and Stable Diffusion + ControlNet on OpenVINO, in one Gradio app.
 
     python app.py            # serves http://127.0.0.1:7860
-    python app.py --help     # flags
+    python app.py --help     # flags (each also read from a VOICE_STUDIO_* environment variable)
 
 Importing this module does no work: flags are parsed, services built and the UI made only in main().
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 ENV_PREFIX = "VOICE_STUDIO_"
+DEFAULT_PORT = 7860
+DEFAULT_QUEUE_SIZE = 64
+DEFAULT_MAX_UPLOAD_MB = 500.0
+DEFAULT_MAX_AUDIO_MINUTES = 180.0
+CONCURRENCY_KINDS = ("whisper", "image", "pose", "network")
+SPACE_DATA_DIR = Path("/data")  # a Hugging Face Space's persistent storage, when it has some
+TRUE_WORDS = {"1", "true", "yes", "on"}
+
+log = logging.getLogger("voice_studio")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    env = os.environ.get
+# --------------------------------------------------------------------------- flags
+def _env_flag(environ: Mapping[str, str], name: str) -> bool:
+    return environ.get(ENV_PREFIX + name, "").strip().lower() in TRUE_WORDS
+
+
+def _concurrency_pair(text: str) -> tuple[str, int]:
+    kind, sep, number = text.partition("=")
+    kind = kind.strip()
+    if not sep or kind not in CONCURRENCY_KINDS:
+        raise argparse.ArgumentTypeError(f"expected KIND=N with KIND one of {', '.join(CONCURRENCY_KINDS)}: {text!r}")
+    try:
+        value = int(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1 request must run at once: {text!r}")
+    return kind, value
+
+
+def _positive(cast):
+    def convert(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+        return value
+    convert.__name__ = cast.__name__
+    return convert
+
+
+def default_models_dir(environ: Mapping[str, str], data_dir: Path = SPACE_DATA_DIR) -> Path:
+    """VOICE_STUDIO_MODELS_DIR, else a Space's persistent /data/models_cache, else models_cache/."""
+    if environ.get(f"{ENV_PREFIX}MODELS_DIR"):
+        return Path(environ[f"{ENV_PREFIX}MODELS_DIR"])
+    if environ.get("SPACE_ID") and data_dir.is_dir():
+        return data_dir / "models_cache"
+    return Path("models_cache")
+
+
+def default_host(environ: Mapping[str, str]) -> str:
+    return (environ.get(f"{ENV_PREFIX}HOST") or environ.get("GRADIO_SERVER_NAME")
+            or ("0.0.0.0" if environ.get("SPACE_ID") else "127.0.0.1"))
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, str]] = None,
+               data_dir: Path = SPACE_DATA_DIR) -> argparse.Namespace:
+    """Flags, with defaults from VOICE_STUDIO_* variables and, when SPACE_ID is set, a Space's conventions."""
+    environ = os.environ if environ is None else environ
+    env = environ.get
     parser = argparse.ArgumentParser(
         prog="app.py",
-        description="Voice Studio: speech to text, video to subtitles and voice to pose-guided image, on OpenVINO.",
+        description="Voice Studio: speech to text, video to subtitles and voice to pose-guided image, on OpenVINO. "
+                    "Every flag can also be set with the environment variable named after it.",
     )
-    parser.add_argument("--host", default=env(f"{ENV_PREFIX}HOST", "127.0.0.1"),
-                        help="address to listen on (default 127.0.0.1; 0.0.0.0 to serve the network)")
-    parser.add_argument("--port", type=int, default=int(env(f"{ENV_PREFIX}PORT", env("GRADIO_SERVER_PORT", "7860"))),
-                        help="port (default 7860)")
-    parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
-    parser.add_argument("--models-dir", type=Path, default=Path(env(f"{ENV_PREFIX}MODELS_DIR", "models_cache")),
-                        help="where converted OpenVINO models are cached (env VOICE_STUDIO_MODELS_DIR)")
-    parser.add_argument("--device", default=env(f"{ENV_PREFIX}DEVICE", "CPU"),
-                        help="default OpenVINO device: CPU, GPU, NPU or AUTO (default CPU)")
-    parser.add_argument("--model", default=env(f"{ENV_PREFIX}MODEL", None),
+    serving = parser.add_argument_group("serving")
+    serving.add_argument("--host", default=default_host(environ),
+                         help="address to listen on (env VOICE_STUDIO_HOST; default 127.0.0.1, on a Hugging Face "
+                              "Space 0.0.0.0; 0.0.0.0 serves the network and makes the app shared)")
+    # String defaults go through each flag's type, so a bad environment value is reported like a bad flag.
+    serving.add_argument("--port", type=int,
+                         default=env(f"{ENV_PREFIX}PORT") or env("GRADIO_SERVER_PORT") or str(DEFAULT_PORT),
+                         help="port (env VOICE_STUDIO_PORT or GRADIO_SERVER_PORT; default 7860)")
+    serving.add_argument("--share", action="store_true", help="also open a public Gradio share link (shared)")
+    serving.add_argument("--queue-size", type=_positive(int),
+                         default=env(f"{ENV_PREFIX}QUEUE_SIZE") or str(DEFAULT_QUEUE_SIZE),
+                         help="requests that may wait at once, over all kinds of work; more are refused with "
+                              "'busy, try again' (env VOICE_STUDIO_QUEUE_SIZE; default 64)")
+    serving.add_argument("--concurrency", type=_concurrency_pair, action="append", metavar="KIND=N", default=[],
+                         help="requests of one kind run at once, repeatable: whisper=2 image=1 pose=1 network=4 "
+                              "(env VOICE_STUDIO_CONCURRENCY='whisper=2,image=1')")
+    serving.add_argument("--preload", action="store_true", default=_env_flag(environ, "PRELOAD"),
+                         help="load the default Whisper model in the background at start; the server answers "
+                              "at once (env VOICE_STUDIO_PRELOAD=1)")
+    limits = parser.add_argument_group("limits and security")
+    limits.add_argument("--max-upload-mb", type=_positive(float),
+                        default=env(f"{ENV_PREFIX}MAX_UPLOAD_MB") or str(DEFAULT_MAX_UPLOAD_MB),
+                        help="largest upload in MB (env VOICE_STUDIO_MAX_UPLOAD_MB; default 500)")
+    limits.add_argument("--max-audio-minutes", type=_positive(float),
+                        default=env(f"{ENV_PREFIX}MAX_AUDIO_MINUTES") or str(DEFAULT_MAX_AUDIO_MINUTES),
+                        help="longest audio or video accepted, in minutes (env VOICE_STUDIO_MAX_AUDIO_MINUTES; "
+                             "default 180)")
+    limits.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD",
+                        help="require a login, repeatable (visible in the process list: prefer --auth-file or "
+                             "env VOICE_STUDIO_AUTH, one user:password a line)")
+    limits.add_argument("--auth-file", type=Path, default=Path(env(f"{ENV_PREFIX}AUTH_FILE")) if env(
+                        f"{ENV_PREFIX}AUTH_FILE") else None, metavar="PATH",
+                        help="file of user:password lines, # comments (env VOICE_STUDIO_AUTH_FILE)")
+    limits.add_argument("--allow-local-models", action="store_true", default=_env_flag(environ, "ALLOW_LOCAL_MODELS"),
+                        help="on a shared server, still let users give local folders as models "
+                             "(env VOICE_STUDIO_ALLOW_LOCAL_MODELS=1)")
+    models = parser.add_argument_group("models")
+    models.add_argument("--models-dir", type=Path, default=default_models_dir(environ, data_dir),
+                        help="where converted OpenVINO models are cached (env VOICE_STUDIO_MODELS_DIR; default "
+                             "models_cache/, on a Space with persistent storage /data/models_cache)")
+    models.add_argument("--device", default=env(f"{ENV_PREFIX}DEVICE", "CPU"),
+                        help="default OpenVINO device: CPU, GPU, NPU or AUTO (env VOICE_STUDIO_DEVICE; default CPU)")
+    models.add_argument("--model", default=env(f"{ENV_PREFIX}MODEL", None),
                         help="default Whisper model: a listed id, a Hugging Face id or a local folder "
-                             "(default: the bundled multilingual whisper-base)")
-    parser.add_argument("--max-loaded-models", type=int, default=2,
-                        help="Whisper models kept loaded at once (default 2)")
-    return parser.parse_args(argv)
+                             "(env VOICE_STUDIO_MODEL; default: the bundled multilingual whisper-base)")
+    models.add_argument("--max-loaded-models", type=_positive(int),
+                        default=env(f"{ENV_PREFIX}MAX_LOADED_MODELS") or "2",
+                        help="Whisper models kept loaded at once (env VOICE_STUDIO_MAX_LOADED_MODELS; default 2)")
+    args = parser.parse_args(argv)
+    try:  # VOICE_STUDIO_CONCURRENCY first, so that flags win
+        from_env = [_concurrency_pair(p) for p in (env(f"{ENV_PREFIX}CONCURRENCY") or "").split(",") if p.strip()]
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"VOICE_STUDIO_CONCURRENCY: {exc}")
+    args.concurrency = from_env + list(args.concurrency or [])
+    args.space_id = env("SPACE_ID") or None
+    args.auth_env = env(f"{ENV_PREFIX}AUTH") or None  # user:password lines, e.g. from a Space secret
+    return args
 
 
-def build_app(services):
+# --------------------------------------------------------------------------- services and UI
+def make_services(args: argparse.Namespace):
+    from pipelines.devices import default_device
+    from pipelines.security import is_shared
+    from pipelines.services import DEFAULT_CONCURRENCY, Services, Settings
+    from pipelines.whisper_models import DEFAULT_MODEL
+
+    shared = is_shared(args.host, args.share, {"SPACE_ID": args.space_id} if args.space_id else {})
+    settings = Settings(
+        models_dir=args.models_dir,
+        default_model=args.model or DEFAULT_MODEL,
+        default_device=args.device or default_device(),
+        max_loaded_whisper=args.max_loaded_models,
+        max_audio_seconds=args.max_audio_minutes * 60.0,
+        shared=shared,
+        allow_local_models=args.allow_local_models or not shared,
+        queue_size=args.queue_size,
+        concurrency={**DEFAULT_CONCURRENCY, **dict(args.concurrency or [])},
+    )
+    return Services(settings)
+
+
+@dataclass
+class Preload:
+    """The background warm-up of the default Whisper model (``--preload``)."""
+
+    state: str = "off"  # off, loading, ready, failed
+    seconds: float = 0.0
+    error: str = ""
+    thread: Optional[threading.Thread] = field(default=None, repr=False)
+
+    def start(self, services) -> "Preload":
+        from pipelines.types import ModelChoice
+
+        choice = ModelChoice(model=services.settings.default_model, device=services.settings.default_device)
+
+        def run() -> None:
+            start = time.perf_counter()
+            try:
+                services.whisper.load(choice)
+            except Exception as exc:  # noqa: BLE001 - a failed warm-up must not stop the server
+                self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+                log.warning("preloading %s failed: %s", choice.model, self.error)
+            else:
+                self.state = "ready"
+                log.info("preloaded %s in %.1f s", choice.model, time.perf_counter() - start)
+            self.seconds = time.perf_counter() - start
+
+        self.state = "loading"
+        self.thread = threading.Thread(target=run, name="voice-studio-preload", daemon=True)
+        self.thread.start()
+        return self
+
+
+def make_status_handler(services, preload: Preload):
+    from pipelines.security import looks_like_local_path
+
+    def status() -> dict:
+        """Which Whisper models are loaded, and the state of the start-up preload (off, loading, ready, failed).
+
+        Returns:
+            {"whisper_loaded": [[model, precision, device], ...], "preload": state, "shared": bool}
+        """
+        loaded = [[("local folder" if services.settings.shared and looks_like_local_path(m) else m), p, d]
+                  for m, p, d in services.whisper.loaded_keys()]
+        return {"whisper_loaded": loaded, "preload": preload.state, "shared": services.settings.shared}
+
+    return status
+
+
+def apply_concurrency_limits(demo, limits: Mapping[str, int]) -> None:
+    """Give every event of a kind of work (its concurrency id) that kind's limit.
+
+    Gradio keeps one queue per concurrency id and takes the smallest limit among its events, so one
+    event left at the default would lower its whole kind; this pass keeps the table the one truth.
+    """
+    for fn in demo.fns.values():
+        if fn.concurrency_id in limits:
+            fn.concurrency_limit = limits[fn.concurrency_id]
+
+
+def explain_full_queue(demo, size: int) -> None:
+    """Word the refusal a caller gets (HTTP 503) when ``size`` requests already wait.
+
+    The browser shows "This application is currently busy. Please try again." and gradio_client raises
+    QueueError("Queue is full! Please try again."); raw HTTP callers get this detail.
+    """
+    queue = getattr(demo, "_queue", None)
+    push = getattr(queue, "push", None)
+    if push is None:  # Gradio changed: its own message stays
+        return
+
+    async def push_with_message(*args: Any, **kwargs: Any):
+        ok, detail, state = await push(*args, **kwargs)
+        if state == "queue_full":
+            detail = (f"The server is busy: {size} requests are already waiting. Please try again in a minute.")
+        return ok, detail, state
+
+    queue.push = push_with_message
+
+
+def build_app(services, preload: Optional[Preload] = None):
     """The Gradio Blocks app over ready services (no model is loaded here)."""
     import gradio as gr
 
     from ui.speech_tab import build_speech_tab
+    from ui.image_tab import build_image_tab
     from ui.subtitles_tab import build_subtitles_tab
 
-    with gr.Blocks(title="Voice Studio") as demo:
+    settings = services.settings
+    with gr.Blocks(title="Voice Studio", analytics_enabled=False) as demo:
         gr.Markdown("# Voice Studio\nWhisper and Stable Diffusion on OpenVINO, fast on an ordinary CPU.")
         with gr.Tabs():
             with gr.Tab("Speech to text", id="speech"):
                 build_speech_tab(services)
             with gr.Tab("Video to subtitles", id="subtitles"):
                 build_subtitles_tab(services)
-    demo.queue(default_concurrency_limit=1, max_size=64)
+            with gr.Tab("Voice to pose-guided image", id="image"):
+                build_image_tab(services)
+        gr.api(make_status_handler(services, preload or Preload()), api_name="status", queue=False,
+               concurrency_limit=None)
+    demo.queue(default_concurrency_limit=1, max_size=settings.queue_size)
+    apply_concurrency_limits(demo, settings.concurrency)
+    explain_full_queue(demo, settings.queue_size)
     return demo
 
 
-def make_services(args: argparse.Namespace):
-    from pipelines.devices import default_device
-    from pipelines.services import Services, Settings
-    from pipelines.whisper_models import DEFAULT_MODEL
-
-    settings = Settings(
-        models_dir=args.models_dir,
-        default_model=args.model or DEFAULT_MODEL,
-        default_device=args.device or default_device(),
-        max_loaded_whisper=args.max_loaded_models,
+# --------------------------------------------------------------------------- launch
+def launch_options(args: argparse.Namespace, auth) -> dict:
+    """What demo.launch() gets: address, login, upload limit and the folders never served."""
+    blocked = [str(Path(args.models_dir).resolve())]
+    if args.auth_file:
+        blocked.append(str(Path(args.auth_file).expanduser().resolve()))
+    return dict(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        auth=auth,
+        auth_message="Voice Studio: sign in." if auth else None,
+        max_file_size=int(args.max_upload_mb * 1024 * 1024),
+        # No allowed_paths: Gradio serves only its own upload/cache folders and what the app returns.
+        blocked_paths=blocked,
     )
-    return Services(settings)
+
+
+def serve(args: argparse.Namespace, block: bool = True):
+    """Build everything and launch. Returns (demo, services, preload) once serving (block=False)."""
+    from pipelines.security import load_auth
+
+    # fails before any work when a login is malformed
+    auth = load_auth(args.auth, args.auth_file, {"VOICE_STUDIO_AUTH": getattr(args, "auth_env", None) or ""})
+    if args.space_id and SPACE_DATA_DIR.is_dir() and not os.environ.get("HF_HOME"):
+        os.environ["HF_HOME"] = str(SPACE_DATA_DIR / "huggingface")  # hub downloads persist on the Space too
+    services = make_services(args)
+    if services.settings.shared and not auth:
+        log.warning("the app is shared (host %s%s) and has no login: anyone who can reach it can use it "
+                    "(--auth-file adds one)", args.host, ", Hugging Face Space" if args.space_id else "")
+    preload = Preload()
+    demo = build_app(services, preload)
+    demo.launch(prevent_thread_lock=True, **launch_options(args, auth))
+    if args.preload:
+        preload.start(services)  # after launch: the server answers while the model loads
+    if block:
+        demo.block_thread()
+    return demo, services, preload
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for name in ("voice_studio", "pipelines"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    from pipelines.security import AuthConfigError
+
     args = parse_args(argv)
-    demo = build_app(make_services(args))
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share)
+    try:
+        serve(args)
+    except AuthConfigError as exc:  # a clear line, not a traceback (and never a password)
+        raise SystemExit(f"app.py: error: {exc}") from None
 
 
 if __name__ == "__main__":

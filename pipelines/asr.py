@@ -196,7 +196,8 @@ class WhisperService:
         detected: Optional[str] = None
         for index, (window, samples) in enumerate(pieces):
             progress(0.9 + 0.1 * index / max(count, 1), f"transcribe part {index + 1} of {count}")
-            decoded = self._decode(loaded, samples, options, language)
+            prompt = texts[-1][-self.guards.prompt_chars:] if texts and self.guards.prompt_chars else None
+            decoded = self._decode(loaded, samples, options, language, prompt)
             if detected is None and decoded.language:
                 detected = decoded.language
                 if language is None and loaded.multilingual:
@@ -223,9 +224,10 @@ class WhisperService:
         )
 
     def _decode(self, loaded: LoadedWhisper, samples: np.ndarray, options: TranscribeOptions,
-                language: Optional[str]) -> "Decoded":
-        """One window (<= 30 s): greedy first; on a repetition loop, retry with sampling at rising
-        temperatures (as Whisper's reference decoder does) and keep the least repetitive result."""
+                language: Optional[str], prompt: Optional[str] = None) -> "Decoded":
+        """One window (<= 30 s): greedy first, conditioned on the previous window's text; on a
+        repetition loop, retry unconditioned with sampling at rising temperatures (as Whisper's
+        reference decoder does) and keep the least repetitive result."""
         seconds = samples.size / SAMPLE_RATE
         candidates: list[Decoded] = []
         for temperature in self.guards.temperatures:
@@ -235,6 +237,8 @@ class WhisperService:
             config.return_timestamps = True
             config.word_timestamps = bool(options.word_timestamps and loaded.word_timestamps)
             config.max_new_tokens = int(self.guards.base_tokens + self.guards.tokens_per_second * seconds)
+            if prompt and temperature == 0:
+                config.initial_prompt = prompt
             if temperature > 0:
                 config.do_sample = True
                 config.temperature = temperature
@@ -281,6 +285,7 @@ class DecodeGuards:
     base_tokens: int = 24  # token budget per window: base + per second of audio
     tokens_per_second: float = 7.0
     seed: int = 1234
+    prompt_chars: int = 200  # previous text given as a prompt to the next window (0: none)
 
 
 @dataclass(frozen=True)

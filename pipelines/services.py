@@ -1,12 +1,24 @@
-"""The long-lived services one app process shares: built by app.py, handed to the UI."""
+"""The long-lived services one app process shares: built by app.py, handed to the UI.
+
+Building them loads nothing: every model is converted and compiled on first use.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .asr import WhisperService
+from .image import ImageService
 from .model_store import WhisperModelStore
+from .pose import PoseService
+from .sd_convert import DEFAULT_CONTROLNET, DEFAULT_POSE_MODEL, DEFAULT_SD_MODEL
+from .security import check_model_reference
 from .whisper_models import DEFAULT_MODEL
+
+#: How many requests of each kind of work run at once (Gradio concurrency ids). Transcriptions and
+#: image generation have separate ids, so a long generation never holds up a transcription.
+DEFAULT_CONCURRENCY: dict[str, int] = {"whisper": 2, "image": 1, "pose": 1, "network": 4}
+DEFAULT_QUEUE_SIZE = 64
 
 
 @dataclass
@@ -16,13 +28,43 @@ class Settings:
     default_device: str = "CPU"
     max_loaded_whisper: int = 2
     max_audio_seconds: float = 3 * 3600.0
+    sd_model: str = DEFAULT_SD_MODEL
+    controlnet_model: str = DEFAULT_CONTROLNET
+    pose_model: str = DEFAULT_POSE_MODEL
+    # Serving (see app.py and pipelines/security.py).
+    shared: bool = False  # reachable by others: non-loopback host, share link or a Hugging Face Space
+    allow_local_models: bool = True  # users may give local folders as model references
+    queue_size: int = DEFAULT_QUEUE_SIZE  # requests waiting at most, over all kinds of work
+    concurrency: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_CONCURRENCY))
+
+    def check_model(self, reference: str, *trusted: str, kind: str = "model") -> str:
+        """A user-given model reference, stripped; refused (ValueError) when this server does not take it.
+
+        The configured models (``default_model``, ``sd_model``, ``controlnet_model`` and ``trusted``)
+        always pass; local paths pass only when ``allow_local_models``.
+        """
+        return check_model_reference(
+            reference, allow_local=self.allow_local_models, kind=kind,
+            trusted=(self.default_model, self.sd_model, self.controlnet_model, *trusted))
 
 
 @dataclass
 class Services:
     settings: Settings
     whisper: WhisperService = field(init=False)
+    image: ImageService = field(init=False)
+    pose: PoseService = field(init=False)
 
     def __post_init__(self) -> None:
-        self.whisper = WhisperService(WhisperModelStore(self.settings.models_dir),
-                                      max_loaded=self.settings.max_loaded_whisper)
+        root = Path(self.settings.models_dir)
+        self.whisper = WhisperService(WhisperModelStore(root), max_loaded=self.settings.max_loaded_whisper)
+        self.image = ImageService(root, sd_model=self.settings.sd_model,
+                                  controlnet_model=self.settings.controlnet_model,
+                                  device=self.settings.default_device)
+        self.pose = PoseService(root, pose_model=self.settings.pose_model, device=self.settings.default_device)
+
+    def release_all(self) -> None:
+        """Unload every model (they load again on next use)."""
+        self.image.release()
+        self.pose.release()
+        self.whisper.release()

@@ -14,12 +14,13 @@ from pipelines.whisper_models import CATALOGUE, LANGUAGES
 AUTO_LANGUAGE = "auto"
 
 
-def whisper_model_dropdown(default: str) -> gr.Dropdown:
+def whisper_model_dropdown(default: str, allow_local: bool = True) -> gr.Dropdown:
     choices = [(m.label, m.id) for m in CATALOGUE]
     if default not in {m.id for m in CATALOGUE}:
         choices.insert(0, (default, default))
-    return gr.Dropdown(choices=choices, value=default, label="Whisper model", allow_custom_value=True,
-                       info="A listed model, a Hugging Face id, or a local folder (HF, CTranslate2 or OpenVINO IR).")
+    info = ("A listed model, a Hugging Face id, or a local folder (HF, CTranslate2 or OpenVINO IR)." if allow_local
+            else "A listed model or a Hugging Face id.")
+    return gr.Dropdown(choices=choices, value=default, label="Whisper model", allow_custom_value=True, info=info)
 
 
 def precision_radio() -> gr.Radio:
@@ -40,6 +41,15 @@ def language_dropdown() -> gr.Dropdown:
 def task_radio() -> gr.Radio:
     return gr.Radio(choices=[("Transcribe", "transcribe"), ("Translate to English", "translate")],
                     value="transcribe", label="Task")
+
+
+def duration_text(seconds: float) -> str:
+    """'3 hours', '90 minutes', '45 seconds': a limit or a length as people say it."""
+    if seconds >= 2 * 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:.0f} hours"
+    if seconds >= 120:
+        return f"{seconds / 60:.0f} minutes"
+    return f"{seconds:.0f} seconds"
 
 
 def progress_fn(progress: gr.Progress) -> Callable[[float, str], None]:

@@ -15,8 +15,8 @@ from pipelines.services import Services
 from pipelines.subtitles import CueRules, write_outputs
 from pipelines.types import ModelChoice, TranscribeOptions, Transcript
 
-from .common import (AUTO_LANGUAGE, device_dropdown, language_dropdown, precision_radio, progress_fn,
-                     request_dir, task_radio, whisper_model_dropdown)
+from .common import (AUTO_LANGUAGE, device_dropdown, duration_text, language_dropdown, precision_radio,
+                     progress_fn, request_dir, task_radio, whisper_model_dropdown)
 
 log = logging.getLogger(__name__)
 SEGMENT_COLUMNS = ["start", "end", "text"]
@@ -62,7 +62,7 @@ def make_transcribe_handler(services: Services):
             raise gr.Error("No audio was given. Record with the microphone or upload an audio or video file.")
         report = progress_fn(progress)
         try:
-            choice = ModelChoice(model=(model or services.settings.default_model).strip(),
+            choice = ModelChoice(model=services.settings.check_model(model or services.settings.default_model),
                                  precision=precision or "fp16",
                                  device=validate_device(device or services.settings.default_device))
             options = TranscribeOptions(task=task or "transcribe",
@@ -72,8 +72,8 @@ def make_transcribe_handler(services: Services):
             samples = load_audio(Path(source))
             seconds = samples.size / 16000
             if seconds > services.settings.max_audio_seconds:
-                raise AudioError(f"The audio is {seconds / 60:.0f} minutes long; this server accepts up to "
-                                 f"{services.settings.max_audio_seconds / 60:.0f} minutes. Cut it into parts.")
+                raise AudioError(f"The audio is {duration_text(seconds)} long; this server accepts up to "
+                                 f"{duration_text(services.settings.max_audio_seconds)}. Cut it into parts.")
             transcript = services.whisper.transcribe(samples, choice, options, report)
         except USER_ERRORS as exc:
             raise gr.Error(str(exc)) from exc
@@ -92,19 +92,19 @@ def build_speech_tab(services: Services) -> None:
         with gr.Column():
             audio = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Record or upload audio")
             media_file = gr.File(label="…or any audio/video file (its audio track is used)",
-                                 file_types=["audio", "video"], type="filepath")
+                                 file_types=["audio", "video"], type="filepath", elem_id="speech-file")
             with gr.Row():
-                model = whisper_model_dropdown(settings.default_model)
+                model = whisper_model_dropdown(settings.default_model, settings.allow_local_models)
                 precision = precision_radio()
                 device = device_dropdown(settings.default_device)
             with gr.Row():
                 task = task_radio()
                 language = language_dropdown()
                 timestamps = gr.Checkbox(value=True, label="Timestamps")
-            run = gr.Button("Transcribe", variant="primary")
+            run = gr.Button("Transcribe", variant="primary", elem_id="speech-run")
         with gr.Column():
-            text = gr.Textbox(label="Text", lines=8, buttons=["copy"])
-            detected = gr.Textbox(label="Detected language")
+            text = gr.Textbox(label="Text", lines=8, buttons=["copy"], elem_id="speech-text")
+            detected = gr.Textbox(label="Detected language", elem_id="speech-language")
             segments = gr.Dataframe(headers=SEGMENT_COLUMNS, label="Segments", wrap=True, interactive=False)
             files = gr.File(label="Downloads (SRT, WebVTT, TXT, JSON)", file_count="multiple")
     run.click(
@@ -113,4 +113,5 @@ def build_speech_tab(services: Services) -> None:
         outputs=[text, detected, segments, files],
         api_name="transcribe",
         concurrency_id="whisper",
+        concurrency_limit=settings.concurrency["whisper"],
     )

@@ -80,7 +80,7 @@ def make_subtitles_handler(services: Services, yt_factory=youtube.YouTube):
         report = progress_fn(progress)
         try:
             request = subtitle_job.SubtitleRequest(
-                choice=ModelChoice(model=(model or services.settings.default_model).strip(),
+                choice=ModelChoice(model=services.settings.check_model(model or services.settings.default_model),
                                    precision=precision or "fp16",
                                    device=validate_device(device or services.settings.default_device)),
                 options=TranscribeOptions(task=task or "transcribe",
@@ -119,7 +119,7 @@ def build_subtitles_tab(services: Services) -> None:
                 thumbnail = gr.Image(label="Thumbnail", height=120, interactive=False)
             video_file = gr.File(label="…or upload a video", file_types=["video", "audio"], type="filepath")
             with gr.Row():
-                model = whisper_model_dropdown(settings.default_model)
+                model = whisper_model_dropdown(settings.default_model, settings.allow_local_models)
                 precision = precision_radio()
                 device = device_dropdown(settings.default_device)
             with gr.Row():
@@ -137,7 +137,7 @@ def build_subtitles_tab(services: Services) -> None:
             cues = gr.Textbox(label="Subtitles", lines=10)
             files = gr.File(label="Downloads", file_count="multiple")
     url.blur(make_info_handler(), inputs=[url], outputs=[info, thumbnail], api_name="video_info",
-             concurrency_id="network")
+             concurrency_id="network", concurrency_limit=settings.concurrency["network"])
     run.click(
         make_subtitles_handler(services),
         inputs=[url, video_file, model, precision, device, task, language, max_line_chars, max_duration,
@@ -145,4 +145,5 @@ def build_subtitles_tab(services: Services) -> None:
         outputs=[player, cues, files],
         api_name="subtitles",
         concurrency_id="whisper",
+        concurrency_limit=settings.concurrency["whisper"],
     )

@@ -1,0 +1,36 @@
+# Voice Studio on CPU.
+#   docker build -t voice-studio .
+#   docker run -p 7860:7860 -v voice-studio-models:/app/models_cache voice-studio
+# Converted models (and Hugging Face downloads) live in the volume, so they are made once.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    GRADIO_ANALYTICS_ENABLED=False \
+    VOICE_STUDIO_MODELS_DIR=/app/models_cache \
+    HF_HOME=/app/models_cache/huggingface
+
+# ffmpeg for video work (burned-in and muxed subtitles, probing uploads).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ffmpeg \
+    && rm -rf /var/lib/apt/lists/*
+
+# An unprivileged user (uid 1000, as Hugging Face Docker Spaces expect).
+RUN groupadd --gid 1000 voice && useradd --create-home --uid 1000 --gid 1000 voice
+WORKDIR /app
+
+# Dependencies first, so code changes reuse this layer. torch comes from PyTorch's CPU index:
+# PyPI's default Linux build carries CUDA libraries (several GB) that a CPU image never uses.
+COPY requirements.txt .
+RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu -r requirements.txt
+
+COPY --chown=voice:voice . .
+RUN mkdir -p /app/models_cache && chown voice:voice /app/models_cache
+
+USER 1000:1000
+VOLUME ["/app/models_cache"]
+EXPOSE 7860
+CMD ["python", "app.py", "--host", "0.0.0.0"]

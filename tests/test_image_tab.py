@@ -1,0 +1,429 @@
+"""Voice to pose-guided image (issue 5), end to end: the tab's handlers and the endpoints of a launched server.
+
+Image and pose work runs on the tiny random-weight SD1.5 / ControlNet / OpenPose models of
+tests/image_fixtures.py, built once for this module and named in the module's own ``Services``
+settings (so the app's defaults, not only explicit handler arguments, point at them). Its models
+folder is the session's, so the real bundled Whisper base (voice prompts, ``slow``) is converted
+once per session and shared with the other real-speech tests.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+import numpy as np
+import pytest
+from PIL import Image
+
+import image_fixtures as fx
+from conftest import normalised_words, word_error_rate, write_wav
+from pipelines.image import read_png_metadata
+from pipelines.services import Services, Settings
+
+PROMPT = "a dancer on a beach at sunset"
+QUIET = dict(progress=lambda *a, **k: None)
+# Smallest allowed size (pipelines.image.MIN_SIZE) and few steps keep the tiny pipeline fast.
+FAST = dict(steps=3, guidance_scale=7.5, controlnet_scale=1.0, num_images=1, width=256, height=256,
+            scheduler="UniPC")
+GERMAN_WORDS = {"guten", "morgen", "heute", "ist", "das", "wetter", "schön", "und", "sonnig", "wir", "gehen",
+                "am", "nachmittag", "in", "den", "trinken", "dort", "einen", "kaffee", "mit", "unseren",
+                "freunden"}
+ENGLISH_WORDS = {"the", "and", "to", "a", "we", "good", "with", "our", "in", "is", "of", "today", "go", "have"}
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny_refs(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("image-tab-models")
+    return {
+        "sd": str(fx.build_tiny_sd15(root / "sd15")),
+        "controlnet": str(fx.build_tiny_controlnet(root / "controlnet")),
+        "pose": str(fx.build_tiny_body_pose(root / "annotators" / "body_pose_model.pth")),
+    }
+
+
+@pytest.fixture(scope="module")
+def image_services(models_dir, tiny_refs) -> Services:
+    return Services(Settings(models_dir=models_dir, sd_model=tiny_refs["sd"],
+                             controlnet_model=tiny_refs["controlnet"], pose_model=tiny_refs["pose"]))
+
+
+@pytest.fixture(scope="module")
+def skeleton_png(tmp_path_factory) -> Path:
+    """A one-person OpenPose skeleton (256 x 256), as /extract_pose makes or a user uploads."""
+    from pipelines.pose import draw_skeleton, poses_from_detection
+
+    candidate, subset = fx.known_detection()
+    path = tmp_path_factory.mktemp("pose") / "skeleton.png"
+    draw_skeleton(poses_from_detection(candidate, subset, 256, 256), 256, 256).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def skeleton(skeleton_png) -> Image.Image:
+    with Image.open(skeleton_png) as image:
+        return image.convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def generate(image_services):
+    from ui.image_tab import CancelRegistry, make_generate_handler
+
+    handler = make_generate_handler(image_services, CancelRegistry())
+
+    def run(prompt=PROMPT, pose=None, seed=7, negative_prompt="", sd_model="", controlnet_model="", device="CPU",
+            request=None, progress=QUIET["progress"], **settings):
+        s = {**FAST, **settings}
+        return handler(prompt, negative_prompt, pose, s["steps"], s["guidance_scale"], seed, s["controlnet_scale"],
+                       s["num_images"], s["width"], s["height"], s["scheduler"], sd_model, controlnet_model, device,
+                       request=request, progress=progress)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def first_batch(generate, skeleton):
+    """Two images, seeds 7 and 8, at the smallest allowed size."""
+    return generate(pose=skeleton, seed=7, num_images=2)
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def session(name: str):
+    return SimpleNamespace(session_hash=name)
+
+
+# --------------------------------------------------------------------------- voice prompt
+
+
+def test_voice_prompt_errors_without_a_model(image_services):
+    from ui.image_tab import make_voice_prompt_handler
+
+    handler = make_voice_prompt_handler(image_services)
+    with pytest.raises(gr.Error, match="No voice prompt was given"):
+        handler(None, "", "CPU", **QUIET)
+    with pytest.raises(gr.Error, match="not a readable audio"):
+        handler(str(Path(__file__).resolve().parents[1] / "README.md"), "", "CPU", **QUIET)
+    assert image_services.whisper.loaded_keys() == []
+
+
+@pytest.mark.slow
+def test_voice_prompt_german_gives_english_prompt(image_services, speech_clips):
+    from ui.image_tab import make_voice_prompt_handler
+
+    clip = speech_clips["german"]
+    prompt, language, original = make_voice_prompt_handler(image_services)(str(clip["path"]), "", "CPU", **QUIET)
+    print(f"german -> {prompt!r} (original {original!r})")
+    assert language == "de"
+    said = set(normalised_words(original).split())
+    assert len(said & GERMAN_WORDS) >= len(GERMAN_WORDS) // 2, original
+    english = set(normalised_words(prompt).split())
+    assert {"good", "morning"} <= english and english & {"park", "coffee"}, prompt
+    assert len(english & GERMAN_WORDS - {"in", "am", "park"}) <= 1, f"prompt still German: {prompt}"
+    assert len(english & ENGLISH_WORDS) >= 3, prompt
+
+
+@pytest.mark.slow
+def test_voice_prompt_english_recording_is_its_own_prompt(image_services, english_clip):
+    from ui.image_tab import make_voice_prompt_handler
+
+    prompt, language, original = make_voice_prompt_handler(image_services)(str(english_clip), "", "CPU", **QUIET)
+    assert language == "en" and prompt == original
+    assert word_error_rate("Hello world. This is a short test of the speech recognition system.", prompt) < 0.3
+
+
+@pytest.mark.slow
+def test_voice_prompt_silence_is_a_clear_error(image_services, tmp_path):
+    from ui.image_tab import make_voice_prompt_handler
+
+    silence = write_wav(tmp_path / "silence.wav", np.zeros(16000 * 5, np.float32))
+    with pytest.raises(gr.Error, match="No speech was heard"):
+        make_voice_prompt_handler(image_services)(str(silence), "", "CPU", **QUIET)
+
+
+# --------------------------------------------------------------------------- extract pose
+
+
+def test_extract_pose_errors(image_services):
+    from ui.image_tab import make_extract_pose_handler
+
+    handler = make_extract_pose_handler(image_services)
+    with pytest.raises(gr.Error, match="No photo was given"):
+        handler(None, "CPU", **QUIET)
+    with pytest.raises(gr.Error, match="No person was found"):
+        handler(Image.new("RGB", (320, 240), "white"), "CPU", **QUIET)
+
+
+def test_extract_pose_returns_a_skeleton_the_size_of_the_photo(image_services, monkeypatch):
+    from pipelines.pose import PoseService, looks_like_skeleton, poses_from_detection
+    from ui.image_tab import make_extract_pose_handler
+
+    photo = Image.fromarray(np.random.default_rng(3).integers(0, 255, (240, 180, 3), dtype=np.uint8))
+    image_services.pose.compiled()  # the real (random-weight) network converts and compiles
+    candidate, subset = fx.known_detection(scale=2.0)  # a known detection stands in for the network's
+    monkeypatch.setattr(PoseService, "detect", lambda self, image, device=None: (
+        poses_from_detection(candidate, subset, 512, 512), (512, 512)))
+    result = make_extract_pose_handler(image_services)(photo, "CPU", **QUIET)
+    assert isinstance(result, Image.Image) and result.size == photo.size
+    assert looks_like_skeleton(result)
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def test_generate_count_size_and_png_metadata(first_batch, tiny_refs):
+    paths, summary = first_batch
+    assert len(paths) == 2 and all(isinstance(p, str) and p.endswith(".png") for p in paths)
+    assert "2 image(s)" in summary and "seeds 7, 8" in summary
+    for path, seed in zip(paths, (7, 8)):
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size == (256, 256)
+        meta = read_png_metadata(path)
+        assert meta["parameters"].startswith(PROMPT)
+        assert f"Steps: 3, Sampler: UniPC, CFG scale: 7.5, Seed: {seed}, Size: 256x256" in meta["parameters"]
+        settings = meta["settings"]
+        assert settings["seed"] == seed and settings["options"]["num_images"] == 2
+        assert settings["sd_model"] == tiny_refs["sd"] and settings["controlnet_model"] == tiny_refs["controlnet"]
+    assert np.abs(pixels(paths[0]) - pixels(paths[1])).mean() > 1.0
+
+
+def test_generate_same_seed_same_pixels_other_seed_differs(generate, skeleton, first_batch, tiny_refs):
+    # Models given explicitly (as the UI's text boxes pass them) are the ones already loaded.
+    (again,), _ = generate(pose=skeleton, seed=7, sd_model=tiny_refs["sd"], controlnet_model=tiny_refs["controlnet"])
+    assert np.array_equal(pixels(again), pixels(first_batch[0][0]))
+    (other,), _ = generate(pose=skeleton, seed=9)
+    assert np.abs(pixels(other) - pixels(again)).mean() > 1.0
+
+
+def test_generate_accepts_a_pose_file_path(generate, skeleton_png, first_batch):
+    (path,), _ = generate(pose=str(skeleton_png), seed=7)
+    assert np.array_equal(pixels(path), pixels(first_batch[0][0]))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(prompt="   "), "prompt is empty"),
+    (dict(pose=None), "No pose image"),
+    (dict(width=260), "Width is 260.*multiple of 8"),
+    (dict(height=128), "Height is 128.*from 256 to 1024"),
+    (dict(width=2048), "Width is 2048"),
+    (dict(steps=0), "Steps is 0"),
+    (dict(num_images=5), "Number of images is 5"),
+    (dict(seed=-5), "Seed is -5"),
+    (dict(scheduler="Heun"), "Unknown sampler"),
+    (dict(seed=None), "Seed"),
+    (dict(steps=None), "Steps"),
+    (dict(device="TPU"), "TPU"),
+])
+def test_generate_bad_inputs_are_clear_gradio_errors(generate, skeleton, change, message):
+    args = {"pose": skeleton, **change}
+    with pytest.raises(gr.Error, match=message):
+        generate(**args)
+
+
+def test_generate_non_image_pose_file_is_a_clear_error(generate, tmp_path):
+    text = tmp_path / "pose.txt"
+    text.write_text("not a picture")
+    with pytest.raises(gr.Error, match="could not be read as an image"):
+        generate(pose=str(text))
+    with pytest.raises(gr.Error, match="does not exist"):
+        generate(pose=str(tmp_path / "missing.png"))
+
+
+def test_generate_unavailable_model_is_a_clear_error(generate, skeleton, tmp_path):
+    with pytest.raises(gr.Error, match="No such folder"):
+        generate(pose=skeleton, sd_model=str(tmp_path / "no" / "such" / "model"))
+
+
+# --------------------------------------------------------------------------- cancel and release
+
+
+def test_cancel_stops_only_this_sessions_generation(image_services, generate, skeleton, first_batch):
+    from ui.image_tab import make_cancel_handler, make_generate_handler
+
+    # Handlers built on one registry, as build_image_tab wires them.
+    from ui.image_tab import CancelRegistry
+
+    cancels = CancelRegistry()
+    handler = make_generate_handler(image_services, cancels)
+    cancel = make_cancel_handler(cancels)
+    steps_done: list[int] = []
+    step_seen = threading.Condition()
+
+    def progress(fraction, desc=""):
+        if desc.startswith("denoising step"):
+            with step_seen:
+                steps_done.append(int(desc.split()[2]))
+                step_seen.notify_all()
+            time.sleep(0.03)  # ~3 s for 100 steps at least, whatever the machine
+
+    def wait_for_step(n, timeout=60.0):
+        with step_seen:
+            assert step_seen.wait_for(lambda: steps_done and steps_done[-1] >= n, timeout), steps_done[-1:]
+
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = handler(PROMPT, "", skeleton, 100, 7.5, 3, 1.0, 1, 256, 256, "UniPC", "", "", "CPU",
+                                        request=session("alice"), progress=progress)
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    wait_for_step(2)
+    assert cancel(request=session("bob")) == "Nothing to cancel."
+    seen = steps_done[-1]
+    wait_for_step(seen + 5)  # bob's cancel did not stop alice's generation
+    assert thread.is_alive()
+    cancelled_at = time.perf_counter()
+    assert cancel(request=session("alice")) == "Cancelling…"
+    thread.join(30)
+    assert not thread.is_alive()
+    print(f"cancel took effect {time.perf_counter() - cancelled_at:.2f} s after the request, at step "
+          f"{steps_done[-1]} of 100")
+    assert time.perf_counter() - cancelled_at < 5.0
+    assert "result" not in outcome and isinstance(outcome.get("error"), gr.Error), outcome
+    assert "cancelled" in str(outcome["error"]).lower()
+    assert steps_done[-1] < 100
+    assert cancel(request=session("alice")) == "Nothing to cancel."  # the flag is cleared after the run
+    # The next generation of that session runs normally.
+    paths, _ = handler(PROMPT, "", skeleton, 3, 7.5, 7, 1.0, 1, 256, 256, "UniPC", "", "", "CPU",
+                       request=session("alice"), **QUIET)
+    assert np.array_equal(pixels(paths[0]), pixels(first_batch[0][0]))
+
+
+def test_release_unloads_every_model(image_services, generate, skeleton):
+    from ui.image_tab import make_release_handler
+
+    generate(pose=skeleton, seed=1)
+    assert image_services.image.loaded() != []
+    message = make_release_handler(image_services)()
+    assert "released" in message.lower()
+    assert image_services.image.loaded() == [] and image_services.whisper.loaded_keys() == []
+    # Models load again on next use.
+    (path,), _ = generate(pose=skeleton, seed=1)
+    assert Path(path).is_file() and image_services.image.loaded() != []
+
+
+# --------------------------------------------------------------------------- launched server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(image_services):
+    from app import build_app
+
+    demo = build_app(image_services)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server, verbose=False)
+
+
+def test_endpoints_are_named(client):
+    names = set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
+    assert {"/voice_prompt", "/extract_pose", "/generate_image", "/cancel_generation", "/release_models"} <= names
+
+
+def test_gradio_client_generate_image_files_keep_their_metadata(client, skeleton_png, first_batch, tiny_refs):
+    from gradio_client import handle_file
+
+    # sd_model / controlnet_model left out: the app's configured models are the defaults.
+    gallery, summary = client.predict(
+        prompt=PROMPT, negative_prompt="", pose=handle_file(str(skeleton_png)), steps=3, guidance_scale=7.5,
+        seed=7, controlnet_scale=1.0, num_images=2, width=256, height=256, scheduler="UniPC", device="CPU",
+        api_name="/generate_image")
+    assert "seeds 7, 8" in summary and len(gallery) == 2
+    for item, seed, local in zip(gallery, (7, 8), first_batch[0]):
+        path = Path(item["image"])
+        assert path.is_file() and path.suffix == ".png"
+        meta = read_png_metadata(path)
+        assert meta["settings"] is not None and meta["settings"]["seed"] == seed, meta
+        assert f"Seed: {seed}, Size: 256x256" in meta["parameters"]
+        assert meta["settings"]["sd_model"] == tiny_refs["sd"]
+        assert np.array_equal(pixels(path), pixels(local))  # same picture as the handler made directly
+
+
+def test_gradio_client_generate_errors(client, skeleton_png, tmp_path):
+    from gradio_client import handle_file
+
+    common = dict(negative_prompt="", steps=3, guidance_scale=7.5, seed=7, controlnet_scale=1.0, num_images=1,
+                  width=256, height=256, scheduler="UniPC", device="CPU", api_name="/generate_image")
+    with pytest.raises(Exception, match="prompt is empty"):
+        client.predict(prompt=" ", pose=handle_file(str(skeleton_png)), **common)
+    with pytest.raises(Exception, match="No pose image"):
+        client.predict(prompt=PROMPT, pose=None, **common)
+    not_image = tmp_path / "pose.png"
+    not_image.write_text("this is text, not a picture")
+    with pytest.raises(Exception, match="could not be read as an image"):
+        client.predict(prompt=PROMPT, pose=handle_file(str(not_image)), **common)
+
+
+def test_gradio_client_extract_pose_no_person(client, tmp_path):
+    from gradio_client import handle_file
+
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (200, 160), "white").save(blank)
+    with pytest.raises(Exception, match="No person was found"):
+        client.predict(photo=handle_file(str(blank)), device="CPU", api_name="/extract_pose")
+
+
+def test_gradio_client_extract_pose_gives_a_lossless_skeleton(client, image_services, tmp_path, monkeypatch):
+    from gradio_client import handle_file
+
+    from pipelines.pose import PoseService, poses_from_detection
+    from ui.image_tab import make_extract_pose_handler
+
+    photo_path = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (200, 150, 3), dtype=np.uint8)).save(photo_path)
+    candidate, subset = fx.known_detection(scale=2.0)  # the server runs in this process: the fake applies
+    monkeypatch.setattr(PoseService, "detect", lambda self, image, device=None: (
+        poses_from_detection(candidate, subset, 512, 512), (512, 512)))
+    with Image.open(photo_path) as photo:
+        expected = make_extract_pose_handler(image_services)(photo.convert("RGB"), "CPU", **QUIET)
+    result = Path(client.predict(photo=handle_file(str(photo_path)), device="CPU", api_name="/extract_pose"))
+    assert result.suffix == ".png" and Image.open(result).size == (150, 200)
+    assert np.array_equal(pixels(result), np.asarray(expected, dtype=np.int16))  # not re-encoded lossily
+
+
+def test_gradio_client_cancel_and_release(client, image_services):
+    assert client.predict(api_name="/cancel_generation") == "Nothing to cancel."
+    assert "released" in client.predict(api_name="/release_models").lower()
+    assert image_services.image.loaded() == []
+
+
+@pytest.mark.slow
+def test_gradio_client_voice_prompt_spanish(client, speech_clips):
+    from gradio_client import handle_file
+
+    clip = speech_clips["spanish"]
+    prompt, language, original = client.predict(audio=handle_file(str(clip["path"])), device="CPU",
+                                                api_name="/voice_prompt")
+    print(f"spanish -> {prompt!r} (original {original!r})")
+    assert language == "es"
+    assert word_error_rate(clip["text"], original) < 0.5, original
+    english = set(normalised_words(prompt).split())
+    assert len(english & ENGLISH_WORDS) >= 3 and english & {"good", "beach", "friends", "restaurant", "sea"}, prompt
+    assert len(english & {"buenos", "días", "hoy", "playa", "con", "nuestros", "amigos", "tarde"}) <= 1, prompt

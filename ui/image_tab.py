@@ -1,0 +1,291 @@
+"""Tab 3: Voice to pose-guided image. Endpoints ``/voice_prompt``, ``/extract_pose``, ``/generate_image``."""
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import gradio as gr
+from PIL import Image, UnidentifiedImageError
+
+from pipelines import image as image_pipeline
+from pipelines import sd_convert
+from pipelines.asr import TranscriptionRefused
+from pipelines.audio import AudioError, load_audio
+from pipelines.devices import validate_device
+from pipelines.model_store import ModelUnavailable
+from pipelines.pose import NoPersonFound
+from pipelines.services import Services
+from pipelines.types import ModelChoice, TranscribeOptions
+from pipelines.whisper_models import translation_refusal
+
+from .common import device_dropdown, progress_fn, request_dir, whisper_model_dropdown
+
+USER_ERRORS = (AudioError, ModelUnavailable, sd_convert.ModelUnavailable, TranscriptionRefused, NoPersonFound,
+               ValueError)
+
+
+def readable_image(image: gr.Image) -> gr.Image:
+    """Make an unreadable upload to ``image`` (a text file named .png, a truncated picture) a clear ``gr.Error``.
+
+    A plain ``gr.Image`` fails in preprocessing, before the handler runs, and the user (or a
+    gradio_client caller) only hears that "the upstream Gradio app has raised an exception". The
+    instance's ``preprocess`` is wrapped rather than subclassing ``gr.Image``: Gradio writes a
+    ``.pyi`` stub next to the module of every Component subclass at import time.
+    """
+    original = image.preprocess
+
+    def preprocess(payload):
+        try:
+            return original(payload)
+        except gr.Error:
+            raise
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+            name = getattr(payload, "orig_name", None) or Path(getattr(payload, "path", None) or "").name
+            raise gr.Error(f"The {(image.label or 'image').lower()} '{name}' could not be read as an image "
+                           f"({type(exc).__name__}). Upload a PNG, JPEG or WebP picture.") from exc
+
+    image.preprocess = preprocess
+    return image
+
+
+def _whole(value: Any) -> Any:
+    """A whole number as int; anything else (None, 7.5, NaN, text) unchanged, for check_options to report."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return value
+    return int(number) if math.isfinite(number) and number.is_integer() else value
+
+
+def _real(value: Any) -> Any:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+class CancelRegistry:
+    """One cancel flag per browser session, so Cancel stops that session's generation only."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def start(self, session: str) -> threading.Event:
+        with self._lock:
+            event = self._events[session] = threading.Event()
+            return event
+
+    def cancel(self, session: str) -> bool:
+        with self._lock:
+            event = self._events.get(session)
+        if event is None:
+            return False
+        event.set()
+        return True
+
+    def finish(self, session: str, event: threading.Event) -> None:
+        with self._lock:
+            if self._events.get(session) is event:
+                del self._events[session]
+
+
+def make_voice_prompt_handler(services: Services):
+    def voice_prompt(audio: Optional[str], model: str, device: str,
+                     progress: gr.Progress = gr.Progress()) -> tuple[str, str, str]:
+        """Spoken prompt in any language -> English prompt.
+
+        Args:
+            audio: a recording or audio file of the spoken prompt.
+            model: Whisper model (multilingual for translation).
+            device: OpenVINO device.
+        Returns:
+            the English prompt, the detected language, the original transcript.
+        """
+        if not audio:
+            raise gr.Error("No voice prompt was given. Record or upload a short spoken description.")
+        report = progress_fn(progress)
+        try:
+            choice = ModelChoice(model=(model or services.settings.default_model).strip(),
+                                 device=validate_device(device or services.settings.default_device))
+            samples = load_audio(Path(audio))
+            original = services.whisper.transcribe(samples, choice, TranscribeOptions(timestamps=False), report)
+            if not original.text:
+                raise AudioError("No speech was heard in the recording. Speak a little louder or longer.")
+            prompt = original.text
+            if original.language not in (None, "en") and translation_refusal(choice.model) is None:
+                english = services.whisper.transcribe(
+                    samples, choice, TranscribeOptions(task="translate", language=original.language,
+                                                       timestamps=False), report)
+                prompt = english.text or prompt
+        except USER_ERRORS as exc:
+            raise gr.Error(str(exc)) from exc
+        return prompt, original.language or "", original.text
+
+    return voice_prompt
+
+
+def make_extract_pose_handler(services: Services):
+    def extract_pose(photo, device: str, progress: gr.Progress = gr.Progress()):
+        """OpenPose skeleton of the person in a reference photo.
+
+        Args:
+            photo: a photo with a person in it.
+            device: OpenVINO device.
+        Returns:
+            the skeleton image (use it as the pose for /generate_image).
+        """
+        if photo is None:
+            raise gr.Error("No photo was given. Upload a photo of a person, or upload a ready pose skeleton.")
+        try:
+            validate_device(device or services.settings.default_device)
+            progress(0.1, desc="load pose model")
+            services.pose.model_folder(progress_fn(progress))
+            progress(0.6, desc="detect pose")
+            return services.pose.estimate(photo, device=device or services.settings.default_device)
+        except USER_ERRORS as exc:
+            raise gr.Error(str(exc)) from exc
+
+    return extract_pose
+
+
+def make_generate_handler(services: Services, cancels: CancelRegistry):
+    def generate_image(
+        prompt: str,
+        negative_prompt: str,
+        pose,
+        steps: float,
+        guidance_scale: float,
+        seed: float,
+        controlnet_scale: float,
+        num_images: float,
+        width: float,
+        height: float,
+        scheduler: str,
+        sd_model: str,
+        controlnet_model: str,
+        device: str,
+        request: gr.Request = None,
+        progress: gr.Progress = gr.Progress(),
+    ) -> tuple[list[str], str]:
+        """Stable Diffusion 1.5 + ControlNet OpenPose on OpenVINO.
+
+        Args:
+            prompt: English prompt. negative_prompt: what to avoid.
+            pose: the OpenPose skeleton image (from /extract_pose or uploaded).
+            steps, guidance_scale, seed (-1 = random), controlnet_scale, num_images (1-4),
+            width, height (multiples of 8, 256-1024), scheduler (UniPC, Euler a, DPM++ 2M, DDIM, PNDM, LMS).
+            sd_model, controlnet_model: hub ids or local folders. device: OpenVINO device.
+        Returns:
+            PNG files (each carries its settings as metadata) and a summary of seeds and time.
+        """
+        # No int()/float() here: a cleared number box (None) or 260.5 reaches check_options, which
+        # names the setting and its allowed range, instead of a TypeError reaching the user.
+        options = image_pipeline.ImageOptions(
+            prompt=(prompt or "").strip(), negative_prompt=negative_prompt or "", steps=_whole(steps),
+            guidance_scale=_real(guidance_scale), seed=_whole(seed), controlnet_scale=_real(controlnet_scale),
+            num_images=_whole(num_images), width=_whole(width), height=_whole(height), scheduler=scheduler)
+        session = getattr(request, "session_hash", None) or "api"
+        cancel = cancels.start(session)
+        report = progress_fn(progress)
+        try:
+            result = services.image.generate(
+                options, pose, sd_ref=(sd_model or "").strip() or None,
+                controlnet_ref=(controlnet_model or "").strip() or None,
+                device=validate_device(device or services.settings.default_device),
+                progress=lambda done, total: report(done / max(total, 1), f"denoising step {done} of {total}"),
+                cancel=cancel, load_progress=report)
+        except image_pipeline.GenerationCancelled as exc:
+            raise gr.Error("Generation was cancelled.", title="Cancelled") from exc
+        except USER_ERRORS as exc:
+            raise gr.Error(str(exc)) from exc
+        finally:
+            cancels.finish(session, cancel)
+        paths = result.save(request_dir("image"))
+        summary = (f"{len(paths)} image(s), seeds {', '.join(map(str, result.seeds))}, "
+                   f"{result.elapsed:.1f} s")
+        for warning in result.warnings:
+            gr.Warning(warning)
+        return [str(p) for p in paths], summary
+
+    return generate_image
+
+
+def make_cancel_handler(cancels: CancelRegistry):
+    def cancel_generation(request: gr.Request = None) -> str:
+        """Stop this session's image generation after the current denoising step."""
+        stopped = cancels.cancel(getattr(request, "session_hash", None) or "api")
+        return "Cancelling…" if stopped else "Nothing to cancel."
+
+    return cancel_generation
+
+
+def make_release_handler(services: Services):
+    def release_models() -> str:
+        """Unload every loaded model (image, pose, Whisper) to free memory; they reload on next use."""
+        services.release_all()
+        return "Models released; they load again on next use."
+
+    return release_models
+
+
+def build_image_tab(services: Services) -> None:
+    settings = services.settings
+    cancels = CancelRegistry()
+    with gr.Row():
+        with gr.Column():
+            gr.Markdown("**1. Prompt**: speak it in any language, or type it.")
+            voice = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Spoken prompt")
+            with gr.Row():
+                whisper_model = whisper_model_dropdown(settings.default_model)
+                device = device_dropdown(settings.default_device)
+            voice_button = gr.Button("Prompt from my voice")
+            with gr.Row():
+                detected = gr.Textbox(label="Detected language", interactive=False)
+                original = gr.Textbox(label="What was said", interactive=False)
+            prompt = gr.Textbox(label="Prompt (English)", lines=2)
+            negative = gr.Textbox(label="Negative prompt", value="lowres, bad anatomy, worst quality, low quality")
+            gr.Markdown("**2. Pose**: extract it from a photo, or upload a ready skeleton.")
+            with gr.Row():
+                photo = readable_image(gr.Image(label="Reference photo", type="pil"))
+                # PNG: Gradio's default WebP is lossy and blurs the limb colours ControlNet OpenPose reads.
+                pose = readable_image(gr.Image(label="Pose skeleton", type="pil", format="png"))
+            pose_button = gr.Button("Extract pose from photo")
+        with gr.Column():
+            gr.Markdown("**3. Image**")
+            with gr.Accordion("Settings", open=False):
+                with gr.Row():
+                    steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
+                    guidance = gr.Slider(1, 20, value=7.5, step=0.5, label="Guidance scale")
+                    strength = gr.Slider(0, 2, value=1.0, step=0.05, label="ControlNet strength")
+                with gr.Row():
+                    seed = gr.Number(value=42, precision=0, label="Seed (-1 = random)")
+                    num_images = gr.Slider(1, 4, value=1, step=1, label="Images")
+                    scheduler = gr.Dropdown(list(image_pipeline.SCHEDULER_NAMES), value="UniPC", label="Scheduler")
+                with gr.Row():
+                    width = gr.Slider(256, 1024, value=512, step=8, label="Width")
+                    height = gr.Slider(256, 1024, value=512, step=8, label="Height")
+                # The configured models (Settings), so the UI and API callers that leave these out use them.
+                sd_model = gr.Textbox(value=settings.sd_model, label="Stable Diffusion 1.5 model")
+                controlnet_model = gr.Textbox(value=settings.controlnet_model, label="ControlNet OpenPose model")
+            with gr.Row():
+                generate_button = gr.Button("Generate", variant="primary")
+                cancel_button = gr.Button("Cancel")
+                release_button = gr.Button("Free memory")
+            gallery = gr.Gallery(label="Images", columns=2, format="png")
+            summary = gr.Textbox(label="Result", interactive=False)
+    voice_button.click(make_voice_prompt_handler(services), inputs=[voice, whisper_model, device],
+                       outputs=[prompt, detected, original], api_name="voice_prompt", concurrency_id="whisper")
+    pose_button.click(make_extract_pose_handler(services), inputs=[photo, device], outputs=[pose],
+                      api_name="extract_pose", concurrency_id="pose")
+    generate_button.click(
+        make_generate_handler(services, cancels),
+        inputs=[prompt, negative, pose, steps, guidance, seed, strength, num_images, width, height, scheduler,
+                sd_model, controlnet_model, device],
+        outputs=[gallery, summary], api_name="generate_image", concurrency_id="image")
+    cancel_button.click(make_cancel_handler(cancels), outputs=[summary], api_name="cancel_generation",
+                        concurrency_limit=None, queue=False)
+    release_button.click(make_release_handler(services), outputs=[summary], api_name="release_models",
+                         concurrency_limit=None)
