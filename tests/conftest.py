@@ -58,6 +58,34 @@ def models_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random-weight SD1.5, ControlNet OpenPose and OpenPose body network (tests/image_fixtures.py),
+    saved as ordinary diffusers folders / a .pth, built once per session for every image test."""
+    import image_fixtures as fx
+
+    root = tmp_path_factory.mktemp("tiny-image-models")
+    return {"sd": fx.build_tiny_sd15(root / "sd15"), "controlnet": fx.build_tiny_controlnet(root / "controlnet"),
+            "pose": fx.build_tiny_body_pose(root / "annotators" / "body_pose_model.pth")}
+
+
+@pytest.fixture(scope="session")
+def cache_root(models_dir) -> Path:
+    """The image tests' models cache: the session's, so each tiny model is converted once."""
+    return models_dir
+
+
+@pytest.fixture(scope="session")
+def ir_folders(tiny_models, cache_root) -> dict[str, Path]:
+    """The tiny SD1.5 and ControlNet converted to OpenVINO IR by the app's own conversion code."""
+    from pipelines import sd_convert
+
+    return {
+        "sd": sd_convert.ensure_sd15(cache_root, str(tiny_models["sd"])),
+        "controlnet": sd_convert.ensure_controlnet(cache_root, str(tiny_models["controlnet"])),
+    }
+
+
+@pytest.fixture(scope="session")
 def whisper_store(models_dir):
     from pipelines.model_store import WhisperModelStore
 

@@ -57,23 +57,7 @@ def _mad(a: Image.Image, b: Image.Image) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-image-models")
-    return {"sd": fx.build_tiny_sd15(root / "sd15"), "controlnet": fx.build_tiny_controlnet(root / "controlnet")}
-
-
-@pytest.fixture(scope="session")
-def cache_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("models-cache")
-
-
-@pytest.fixture(scope="session")
-def ir_folders(tiny_models, cache_root):
-    return {
-        "sd": sd_convert.ensure_sd15(cache_root, str(tiny_models["sd"])),
-        "controlnet": sd_convert.ensure_controlnet(cache_root, str(tiny_models["controlnet"])),
-    }
+# tiny_models, cache_root and ir_folders are session fixtures in conftest.py.
 
 
 @pytest.fixture(scope="session")
@@ -373,11 +357,10 @@ def test_service_loads_once_and_serves_concurrent_requests(cache_root, tiny_mode
 
 
 @pytest.fixture(scope="session")
-def pose_service(tmp_path_factory, cache_root):
-    pth = fx.build_tiny_body_pose(tmp_path_factory.mktemp("annotators") / "body_pose_model.pth")
+def pose_service(tiny_models, cache_root):
     from pipelines.pose import PoseService
 
-    return PoseService(cache_root, pose_model=str(pth))
+    return PoseService(cache_root, pose_model=str(tiny_models["pose"]))
 
 
 def test_pose_network_conversion_matches_torch(pose_service):

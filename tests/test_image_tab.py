@@ -1,7 +1,7 @@
 """Voice to pose-guided image (issue 5), end to end: the tab's handlers and the endpoints of a launched server.
 
 Image and pose work runs on the tiny random-weight SD1.5 / ControlNet / OpenPose models of
-tests/image_fixtures.py, built once for this module and named in the module's own ``Services``
+tests/image_fixtures.py (session fixtures in conftest.py, built once) and named in the module's own ``Services``
 settings (so the app's defaults, not only explicit handler arguments, point at them). Its models
 folder is the session's, so the real bundled Whisper base (voice prompts, ``slow``) is converted
 once per session and shared with the other real-speech tests.
@@ -39,13 +39,9 @@ ENGLISH_WORDS = {"the", "and", "to", "a", "we", "good", "with", "our", "in", "is
 
 
 @pytest.fixture(scope="module")
-def tiny_refs(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("image-tab-models")
-    return {
-        "sd": str(fx.build_tiny_sd15(root / "sd15")),
-        "controlnet": str(fx.build_tiny_controlnet(root / "controlnet")),
-        "pose": str(fx.build_tiny_body_pose(root / "annotators" / "body_pose_model.pth")),
-    }
+def tiny_refs(tiny_models) -> dict[str, str]:
+    """The session's tiny models (tests/conftest.py), as the references a user would type."""
+    return {name: str(path) for name, path in tiny_models.items()}
 
 
 @pytest.fixture(scope="module")
