@@ -234,8 +234,13 @@ class WhisperService:
             config = loaded.pipeline.get_generation_config()  # a copy: this request's settings only
             config.task = options.task if loaded.multilingual else None
             config.language = language
-            config.return_timestamps = True
-            config.word_timestamps = bool(options.word_timestamps and loaded.word_timestamps)
+            with_words = bool(options.word_timestamps and loaded.word_timestamps)
+            config.word_timestamps = with_words
+            # GenAI 2026.4 can crash the process (SIGSEGV in add_word_level_timestamps) when the decoded
+            # tokens carry timestamp tokens as well (seen on degenerate output). Word mode therefore
+            # decodes without timestamp tokens and takes segment times from the words: on real speech
+            # the word times are the same either way.
+            config.return_timestamps = not with_words
             config.max_new_tokens = int(self.guards.base_tokens + self.guards.tokens_per_second * seconds)
             if prompt and temperature == 0:
                 config.initial_prompt = prompt
@@ -306,6 +311,11 @@ class Decoded:
 
     @classmethod
     def from_result(cls, result: Any, seconds: float) -> "Decoded":
+        if not result.chunks and result.words:  # word mode: segments are made from the timed words
+            chunks = [c for c in chunks_from_words(result.words, seconds) if not is_empty_text(c.text)]
+            text = " ".join(c.text for c in chunks)
+            language = (getattr(result, "language", "") or "").strip("<|>") or None
+            return cls(text=text, chunks=tuple(chunks), language=language)
         chunks = []
         for chunk in result.chunks or []:
             text = chunk.text.strip()
@@ -331,6 +341,37 @@ class Decoded:
             kept.append(Chunk(chunk.start, chunk.end, cleaned, chunk.words if cleaned == chunk.text else ()))
         text = " ".join(c.text for c in kept) if kept else collapse_repeats(self.text)
         return Decoded(text=text, chunks=tuple(kept), language=self.language)
+
+
+SENTENCE_END = (".", "!", "?", "\u3002", "\uff01", "\uff1f")
+
+
+def chunks_from_words(words: Iterable[Any], seconds: float, pause: float = 1.0, max_seconds: float = 12.0
+                      ) -> list[Chunk]:
+    """Group GenAI's timed words (relative to the window) into sentence-like segments: a segment ends
+    after sentence punctuation, before a pause longer than ``pause`` s, or when it would pass ``max_seconds``."""
+    chunks: list[Chunk] = []
+    current: list[Word] = []
+
+    def close() -> None:
+        if current:
+            text = " ".join(w.text for w in current)
+            chunks.append(Chunk(current[0].start, max(w.end for w in current), text, tuple(current)))
+            current.clear()
+
+    for w in words:
+        text = w.word.strip()
+        if is_empty_text(text):  # a lone "..." or "-" is not speech
+            continue
+        start = min(max(0.0, float(w.start_ts)), seconds)
+        end = min(max(start, float(w.end_ts)), seconds)
+        if current and (start - current[-1].end > pause or end - current[0].start > max_seconds):
+            close()
+        current.append(Word(text, start, end))
+        if text.endswith(SENTENCE_END):
+            close()
+    close()
+    return chunks
 
 
 def _attach_words(chunks: list[Chunk], words: Iterable[Any]) -> list[Chunk]:
