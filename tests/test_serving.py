@@ -255,6 +255,7 @@ def test_each_kind_of_work_has_its_own_concurrency_limit(services):
     demo = build_app(services)
     by_name = {fn.api_name: fn for fn in demo.fns.values() if isinstance(fn.api_name, str)}
     expected = {"transcribe": ("whisper", 2), "subtitles": ("whisper", 2), "voice_prompt": ("whisper", 2),
+                "transcribe_compare": ("whisper", 2), "subtitles_compare": ("whisper", 2),
                 "generate_image": ("image", 1), "extract_pose": ("pose", 1), "video_info": ("network", 4)}
     for name, (kind, limit) in expected.items():
         assert (by_name[name].concurrency_id, by_name[name].concurrency_limit) == (kind, limit), name
@@ -415,7 +416,8 @@ def test_queue_runs_each_kind_within_its_limit_and_refuses_when_full(tmp_path):
         state["images"] += 1
         image_started.set()
         release_image.wait(120)
-        return SimpleNamespace(save=lambda folder: [pose], seeds=[options.seed], elapsed=0.0, warnings=[])
+        return SimpleNamespace(save=lambda folder: [pose], seeds=[options.seed], elapsed=0.0, warnings=[],
+                               extra={"precision": kwargs.get("precision", "fp16"), "timings": {}})
 
     def wait_for(condition, seconds=60.0):
         deadline = time.monotonic() + seconds

@@ -1,19 +1,33 @@
-"""Pickers and helpers shared by the tabs."""
+"""Pickers and helpers shared by the tabs: the Whisper request built from the pickers, the FP16 / INT8
+comparison (two timed runs on the same input), and per-request output folders with a bounded life."""
 from __future__ import annotations
 
+import difflib
+import logging
+import os
+import re
+import shutil
 import tempfile
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Optional, Sequence
 
 import gradio as gr
 
-from pipelines.devices import available_devices
-from pipelines.types import PRECISIONS
-from pipelines.whisper_models import CATALOGUE, LANGUAGES
+from pipelines.asr import TranscriptionRefused
+from pipelines.devices import available_devices, validate_device
+from pipelines.types import PRECISIONS, ModelChoice, TranscribeOptions
+from pipelines.whisper_models import CATALOGUE, LANGUAGES, translation_refusal
+
+log = logging.getLogger(__name__)
 
 AUTO_LANGUAGE = "auto"
+ProgressFn = Callable[[float, str], None]
 
 
+# --------------------------------------------------------------------------- pickers
 def whisper_model_dropdown(default: str, allow_local: bool = True) -> gr.Dropdown:
     choices = [(m.label, m.id) for m in CATALOGUE]
     if default not in {m.id for m in CATALOGUE}:
@@ -23,8 +37,10 @@ def whisper_model_dropdown(default: str, allow_local: bool = True) -> gr.Dropdow
     return gr.Dropdown(choices=choices, value=default, label="Whisper model", allow_custom_value=True, info=info)
 
 
-def precision_radio() -> gr.Radio:
-    return gr.Radio(choices=list(PRECISIONS), value="fp16", label="Precision")
+def precision_radio(label: str = "Precision", info: Optional[str] = None) -> gr.Radio:
+    return gr.Radio(choices=[("FP16", "fp16"), ("INT8", "int8")], value="fp16", label=label,
+                    info=info or "INT8 is smaller and usually faster; its first use quantizes the model "
+                                 "(can take minutes).")
 
 
 def device_dropdown(default: str) -> gr.Dropdown:
@@ -43,6 +59,55 @@ def task_radio() -> gr.Radio:
                     value="transcribe", label="Task")
 
 
+# --------------------------------------------------------------------------- request values
+def check_precision(precision: Optional[str]) -> str:
+    """'fp16' or 'int8' (any case; empty means fp16); anything else is a ValueError that says what to give."""
+    value = (precision or "fp16").strip().lower()
+    if value not in PRECISIONS:
+        raise ValueError(f"Precision '{precision}' is not offered; choose one of {', '.join(PRECISIONS)}.")
+    return value
+
+
+def whisper_request(settings, model: Optional[str], precision: Optional[str], device: Optional[str],
+                    task: Optional[str] = "transcribe", language: Optional[str] = AUTO_LANGUAGE,
+                    **options: Any) -> tuple[ModelChoice, TranscribeOptions]:
+    """The model choice and decoding options of one Whisper request, from the pickers' values.
+
+    Empty values take the server's defaults; the model passes the shared-mode check
+    (``settings.check_model``), the device and precision are validated. ``options`` are further
+    :class:`TranscribeOptions` fields (timestamps, word_timestamps). Raises ValueError with a message
+    written for the user.
+    """
+    choice = ModelChoice(model=settings.check_model(model or settings.default_model),
+                         precision=check_precision(precision),
+                         device=validate_device(device or settings.default_device))
+    task = task or "transcribe"
+    if task not in ("transcribe", "translate"):
+        raise TranscriptionRefused(f"Unknown task '{task}'; use 'transcribe' or 'translate'.")
+    refusal = translation_refusal(choice.model) if task == "translate" else None
+    if refusal:  # before any model is loaded or downloaded
+        raise TranscriptionRefused(refusal)
+    return choice, TranscribeOptions(task=task, language=None if language in (None, "", AUTO_LANGUAGE) else language,
+                                     **options)
+
+
+def int8_first_use_note(what: str = "model") -> str:
+    return f"load INT8 {what} (its first use quantizes it: this can take a few minutes)"
+
+
+def announce_whisper_load(whisper, choice: ModelChoice, report: ProgressFn) -> None:
+    """Tell the user a model is about to load when it is not loaded yet (and that INT8's first use quantizes)."""
+    if (choice.model, choice.precision, choice.device) not in set(whisper.loaded_keys()):
+        report(0.0, int8_first_use_note(choice.model) if choice.precision == "int8" else f"load {choice.model}")
+
+
+def load_whisper(whisper, choice: ModelChoice, report: ProgressFn) -> None:
+    """Load ``choice`` (once; converting and, for INT8, quantizing on first use), saying so in the progress."""
+    announce_whisper_load(whisper, choice, report)
+    whisper.load(choice, report)
+
+
+# --------------------------------------------------------------------------- progress and text
 def duration_text(seconds: float) -> str:
     """'3 hours', '90 minutes', '45 seconds': a limit or a length as people say it."""
     if seconds >= 2 * 3600 and seconds % 3600 == 0:
@@ -52,13 +117,131 @@ def duration_text(seconds: float) -> str:
     return f"{seconds:.0f} seconds"
 
 
-def progress_fn(progress: gr.Progress) -> Callable[[float, str], None]:
+def progress_fn(progress: gr.Progress) -> ProgressFn:
     """Adapt a gr.Progress to the pipelines' (fraction, step) callback."""
     def report(fraction: float, message: str) -> None:
         progress(fraction, desc=message)
     return report
 
 
-def request_dir(prefix: str) -> Path:
-    """A fresh folder for one request's output files (Gradio serves files under the temp dir)."""
-    return Path(tempfile.mkdtemp(prefix=f"voice-studio-{prefix}-"))
+def part_of(report: ProgressFn, lo: float, hi: float, label: str = "") -> ProgressFn:
+    """A progress callback for one part of a job: 0..1 maps onto lo..hi, messages get ``label: `` first."""
+    def part(fraction: float, message: str) -> None:
+        report(lo + (hi - lo) * max(0.0, min(1.0, float(fraction))), f"{label}: {message}" if label else message)
+    return part
+
+
+# --------------------------------------------------------------------------- FP16 vs INT8
+@dataclass(frozen=True)
+class PrecisionRun:
+    """One side of a comparison: what the run produced and how long it took (loading excluded)."""
+
+    precision: str
+    value: Any
+    seconds: float
+    load_seconds: float
+
+
+def compare_precisions(load: Callable[[str, ProgressFn], Any], run: Callable[[str, ProgressFn], Any],
+                       report: ProgressFn, precisions: Sequence[str] = PRECISIONS) -> list[PrecisionRun]:
+    """Run the same work at each precision, one after the other, and time each run.
+
+    For each precision ``load(precision, progress)`` gets the model ready first (converting and, for
+    INT8, quantizing on first use: not part of the time), then ``run(precision, progress)`` does the
+    work, timed. One precision at a time, so a server that keeps one model loaded still compares
+    fairly.
+    """
+    runs = []
+    for index, precision in enumerate(precisions):
+        part = part_of(report, index / len(precisions), (index + 1) / len(precisions), precision.upper())
+        started = time.perf_counter()
+        load(precision, part)
+        loaded = time.perf_counter()
+        value = run(precision, part)
+        runs.append(PrecisionRun(precision, value, time.perf_counter() - loaded, loaded - started))
+    report(1.0, "done")
+    return runs
+
+
+def speed_summary(runs: Sequence[PrecisionRun], unit: str = "s", seconds: Optional[Sequence[float]] = None) -> str:
+    """'FP16 2.10 s, INT8 1.05 s: INT8 is 2.00x as fast as FP16.' (``seconds`` overrides the runs' times)."""
+    times = list(seconds) if seconds is not None else [r.seconds for r in runs]
+    parts = ", ".join(f"{r.precision.upper()} {t:.3f} {unit}" for r, t in zip(runs, times))
+    first, second = times[0], times[-1]
+    if second <= 0 or first <= 0:
+        return f"{parts}."
+    ratio = first / second
+    return (f"{parts}: {runs[-1].precision.upper()} is {ratio:.2f}x as fast as {runs[0].precision.upper()} "
+            f"(time ratio {runs[0].precision.upper()}/{runs[-1].precision.upper()} = {ratio:.2f}).")
+
+
+def agreement_text(first: str, second: str) -> str:
+    """How far two texts agree, word for word (case and punctuation aside)."""
+    def tokens(text: str) -> list[str]:
+        return re.sub(r"[^\w' ]+", " ", text.lower()).split()
+
+    a, b = tokens(first), tokens(second)
+    if a == b:
+        return "The texts are the same." if a else "Both runs heard no speech."
+    share = difflib.SequenceMatcher(a=a, b=b, autojunk=False).ratio()
+    return f"The texts agree on {share:.0%} of their words."
+
+
+# --------------------------------------------------------------------------- output folders
+OUTPUT_PREFIX = "voice-studio-"
+#: Hours a request's output folder is kept; older ones go when a new one is made
+#: (env VOICE_STUDIO_KEEP_OUTPUTS_HOURS). Gradio has its own copy of every file it served by then.
+DEFAULT_KEEP_OUTPUTS_HOURS = 24.0
+CLEAN_EVERY_SECONDS = 60.0
+_OUTPUT_DIR = re.compile(rf"^{re.escape(OUTPUT_PREFIX)}[a-z0-9]+(?:-[a-z0-9]+)*-[a-z0-9_]{{8}}$")
+_last_clean = [float("-inf")]
+_clean_lock = threading.Lock()
+
+
+def keep_outputs_hours(environ=os.environ) -> float:
+    try:
+        hours = float(environ.get("VOICE_STUDIO_KEEP_OUTPUTS_HOURS") or DEFAULT_KEEP_OUTPUTS_HOURS)
+    except ValueError:
+        hours = DEFAULT_KEEP_OUTPUTS_HOURS
+    return hours if hours > 0 else DEFAULT_KEEP_OUTPUTS_HOURS
+
+
+def clean_request_dirs(max_age_hours: float, root: Optional[Path] = None, now: Optional[float] = None) -> list[Path]:
+    """Remove this app's request folders (``voice-studio-<kind>-XXXXXXXX`` in ``root``, the temp dir by
+    default) last changed more than ``max_age_hours`` ago. Returns what was removed."""
+    root = Path(root or tempfile.gettempdir())
+    limit = (time.time() if now is None else now) - max_age_hours * 3600.0
+    removed = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not _OUTPUT_DIR.match(entry.name):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_mtime >= limit:
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(Path(entry.path))
+    if removed:
+        log.info("removed %d output folder(s) older than %g hours from %s", len(removed), max_age_hours, root)
+    return removed
+
+
+def request_dir(prefix: str, root: Optional[Path] = None) -> Path:
+    """A fresh folder for one request's output files (Gradio serves files under the temp dir).
+
+    Making one also removes this app's output folders older than ``keep_outputs_hours()`` (at most
+    once a minute), so they do not pile up on a long-running server.
+    """
+    with _clean_lock:
+        due = time.monotonic() - _last_clean[0] >= CLEAN_EVERY_SECONDS
+        if due:
+            _last_clean[0] = time.monotonic()
+    if due:
+        clean_request_dirs(keep_outputs_hours(), root)
+    kind = re.sub(r"[^a-z0-9-]+", "-", prefix.lower()).strip("-") or "out"
+    return Path(tempfile.mkdtemp(prefix=f"{OUTPUT_PREFIX}{kind}-", dir=root))

@@ -1,4 +1,4 @@
-"""Tab 1: Speech to text. Endpoint ``/transcribe``."""
+"""Tab 1: Speech to text. Endpoints ``/transcribe`` and ``/transcribe_compare`` (FP16 vs INT8)."""
 from __future__ import annotations
 
 import logging
@@ -6,17 +6,18 @@ from pathlib import Path
 from typing import Optional
 
 import gradio as gr
+import numpy as np
 
 from pipelines.asr import TranscriptionRefused
 from pipelines.audio import AudioError, load_audio
-from pipelines.devices import validate_device
 from pipelines.model_store import ModelUnavailable
 from pipelines.services import Services
 from pipelines.subtitles import CueRules, write_outputs
-from pipelines.types import ModelChoice, TranscribeOptions, Transcript
+from pipelines.types import Transcript
 
-from .common import (AUTO_LANGUAGE, device_dropdown, duration_text, language_dropdown, precision_radio,
-                     progress_fn, request_dir, task_radio, whisper_model_dropdown)
+from .common import (agreement_text, announce_whisper_load, compare_precisions, device_dropdown, duration_text,
+                     language_dropdown, load_whisper, precision_radio, progress_fn, request_dir, speed_summary,
+                     task_radio, whisper_model_dropdown, whisper_request)
 
 log = logging.getLogger(__name__)
 SEGMENT_COLUMNS = ["start", "end", "text"]
@@ -27,6 +28,19 @@ USER_ERRORS = (AudioError, ModelUnavailable, TranscriptionRefused, ValueError)
 
 def segments_table(transcript: Transcript) -> list[list]:
     return [[f"{s.start:.2f}", f"{s.end:.2f}", s.text] for s in transcript.segments]
+
+
+def _samples(services: Services, audio: Optional[str], media_file: Optional[str]) -> tuple[Path, np.ndarray]:
+    """The request's audio as 16 kHz mono samples, refused when missing or too long."""
+    source = audio or media_file
+    if not source:
+        raise gr.Error("No audio was given. Record with the microphone or upload an audio or video file.")
+    samples = load_audio(Path(source))
+    seconds = samples.size / 16000
+    if seconds > services.settings.max_audio_seconds:
+        raise AudioError(f"The audio is {duration_text(seconds)} long; this server accepts up to "
+                         f"{duration_text(services.settings.max_audio_seconds)}. Cut it into parts.")
+    return Path(source), samples
 
 
 def make_transcribe_handler(services: Services):
@@ -49,7 +63,7 @@ def make_transcribe_handler(services: Services):
             audio: a recording or uploaded audio file (wav, mp3, flac, ogg, m4a).
             media_file: alternatively any audio or video file; used when `audio` is empty.
             model: Whisper model id, bundled model, or local folder.
-            precision: "fp16" or "int8".
+            precision: "fp16" or "int8" (INT8 weights; the first use quantizes the model, which can take minutes).
             device: OpenVINO device (CPU, GPU, NPU, AUTO).
             task: "transcribe" or "translate" (to English).
             language: spoken language code, or "auto" to detect it.
@@ -57,33 +71,73 @@ def make_transcribe_handler(services: Services):
         Returns:
             text, detected language, segments [start, end, text], files [srt, vtt, txt, json].
         """
-        source = audio or media_file
-        if not source:
+        if not (audio or media_file):
             raise gr.Error("No audio was given. Record with the microphone or upload an audio or video file.")
         report = progress_fn(progress)
         try:
-            choice = ModelChoice(model=services.settings.check_model(model or services.settings.default_model),
-                                 precision=precision or "fp16",
-                                 device=validate_device(device or services.settings.default_device))
-            options = TranscribeOptions(task=task or "transcribe",
-                                        language=None if language in (None, "", AUTO_LANGUAGE) else language,
-                                        timestamps=bool(timestamps))
+            choice, options = whisper_request(services.settings, model, precision, device, task, language,
+                                              timestamps=bool(timestamps))
             report(0.0, "decode audio")
-            samples = load_audio(Path(source))
-            seconds = samples.size / 16000
-            if seconds > services.settings.max_audio_seconds:
-                raise AudioError(f"The audio is {duration_text(seconds)} long; this server accepts up to "
-                                 f"{duration_text(services.settings.max_audio_seconds)}. Cut it into parts.")
+            source, samples = _samples(services, audio, media_file)
+            announce_whisper_load(services.whisper, choice, report)
             transcript = services.whisper.transcribe(samples, choice, options, report)
         except USER_ERRORS as exc:
             raise gr.Error(str(exc)) from exc
         out_dir = request_dir("speech")
-        files = write_outputs(transcript, out_dir, Path(source).stem or "transcript", CueRules())
+        files = write_outputs(transcript, out_dir, source.stem or "transcript", CueRules())
         report(1.0, "done")
         return transcript.text, transcript.language or "", segments_table(transcript), [
             str(files[k]) for k in ("srt", "vtt", "txt", "json")]
 
     return transcribe
+
+
+def make_transcribe_compare_handler(services: Services):
+    """The handler behind the tab's comparison and the /transcribe_compare endpoint."""
+
+    def transcribe_compare(
+        audio: Optional[str],
+        media_file: Optional[str],
+        model: str,
+        device: str,
+        task: str,
+        language: str,
+        progress: gr.Progress = gr.Progress(),
+    ) -> tuple[str, float, str, float, str]:
+        """Transcribe the same audio with the FP16 and the INT8 model and time both.
+
+        Each model is loaded before its run (the first INT8 use quantizes the model: minutes), so
+        the times are transcription only.
+
+        Args:
+            audio: a recording or uploaded audio file.
+            media_file: alternatively any audio or video file; used when `audio` is empty.
+            model: Whisper model id, bundled model, or local folder.
+            device: OpenVINO device (CPU, GPU, NPU, AUTO).
+            task: "transcribe" or "translate" (to English).
+            language: spoken language code, or "auto" to detect it.
+        Returns:
+            FP16 text, FP16 seconds, INT8 text, INT8 seconds, and a summary (time ratio, how far the texts agree).
+        """
+        if not (audio or media_file):
+            raise gr.Error("No audio was given. Record with the microphone or upload an audio or video file.")
+        report = progress_fn(progress)
+        try:
+            requests = {p: whisper_request(services.settings, model, p, device, task, language, timestamps=False)
+                        for p in ("fp16", "int8")}
+            report(0.0, "decode audio")
+            _source, samples = _samples(services, audio, media_file)
+            runs = compare_precisions(
+                lambda p, part: load_whisper(services.whisper, requests[p][0], part),
+                lambda p, part: services.whisper.transcribe(samples, *requests[p], part),
+                report)
+        except USER_ERRORS as exc:
+            raise gr.Error(str(exc)) from exc
+        fp16, int8 = runs
+        summary = f"{speed_summary(runs)} {agreement_text(fp16.value.text, int8.value.text)}"
+        return fp16.value.text, round(fp16.seconds, 3), int8.value.text, round(int8.seconds, 3), summary
+
+    return transcribe_compare
 
 
 def build_speech_tab(services: Services) -> None:
@@ -107,11 +161,29 @@ def build_speech_tab(services: Services) -> None:
             detected = gr.Textbox(label="Detected language", elem_id="speech-language")
             segments = gr.Dataframe(headers=SEGMENT_COLUMNS, label="Segments", wrap=True, interactive=False)
             files = gr.File(label="Downloads (SRT, WebVTT, TXT, JSON)", file_count="multiple")
+    with gr.Accordion("Compare FP16 and INT8: the same audio through both models, timed", open=False):
+        compare = gr.Button("Compare FP16 and INT8", elem_id="speech-compare")
+        with gr.Row():
+            with gr.Column():
+                fp16_text = gr.Textbox(label="FP16 text", lines=6, elem_id="speech-fp16-text")
+                fp16_seconds = gr.Number(label="FP16 seconds", interactive=False)
+            with gr.Column():
+                int8_text = gr.Textbox(label="INT8 text", lines=6, elem_id="speech-int8-text")
+                int8_seconds = gr.Number(label="INT8 seconds", interactive=False)
+        compare_summary = gr.Textbox(label="Comparison", interactive=False, elem_id="speech-compare-summary")
     run.click(
         make_transcribe_handler(services),
         inputs=[audio, media_file, model, precision, device, task, language, timestamps],
         outputs=[text, detected, segments, files],
         api_name="transcribe",
+        concurrency_id="whisper",
+        concurrency_limit=settings.concurrency["whisper"],
+    )
+    compare.click(
+        make_transcribe_compare_handler(services),
+        inputs=[audio, media_file, model, device, task, language],
+        outputs=[fp16_text, fp16_seconds, int8_text, int8_seconds, compare_summary],
+        api_name="transcribe_compare",
         concurrency_id="whisper",
         concurrency_limit=settings.concurrency["whisper"],
     )

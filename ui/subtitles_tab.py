@@ -1,6 +1,8 @@
-"""Tab 2: Video to subtitles. Endpoints ``/video_info`` and ``/subtitles``."""
+"""Tab 2: Video to subtitles. Endpoints ``/video_info``, ``/subtitles`` and ``/subtitles_compare`` (FP16 vs INT8)."""
 from __future__ import annotations
 
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -9,14 +11,13 @@ import gradio as gr
 from pipelines import subtitle_job, video, youtube
 from pipelines.asr import TranscriptionRefused
 from pipelines.audio import AudioError
-from pipelines.devices import validate_device
 from pipelines.model_store import ModelUnavailable
 from pipelines.services import Services
-from pipelines.subtitles import CueRules
-from pipelines.types import ModelChoice, TranscribeOptions
+from pipelines.subtitles import CueRules, make_cues, write_outputs
 
-from .common import (AUTO_LANGUAGE, device_dropdown, language_dropdown, precision_radio, progress_fn,
-                     request_dir, task_radio, whisper_model_dropdown)
+from .common import (PrecisionRun, agreement_text, compare_precisions, device_dropdown, language_dropdown,
+                     load_whisper, part_of, precision_radio, progress_fn, request_dir, speed_summary, task_radio,
+                     whisper_model_dropdown, whisper_request)
 
 USER_ERRORS = (youtube.YouTubeError, video.MediaError, subtitle_job.SubtitleInputError, AudioError,
                ModelUnavailable, TranscriptionRefused, ValueError)
@@ -47,6 +48,46 @@ def make_info_handler(yt_factory=youtube.YouTube):
     return video_info
 
 
+class _TimedWhisper:
+    """The Whisper service as :func:`subtitle_job.make_subtitles` sees it: each transcription first loads
+    its model (saying so when INT8 is quantized on first use), then runs timed; the audio file it read is
+    kept, so a comparison's second run reuses the extracted audio instead of fetching the video again."""
+
+    def __init__(self, whisper, label: str = ""):
+        self.whisper, self.label = whisper, label
+        self.run: Optional[PrecisionRun] = None
+        self.wav: Optional[Path] = None
+
+    def transcribe_file(self, wav_path, choice, options, progress):
+        report = part_of(progress, 0.0, 1.0, self.label)
+        started = time.perf_counter()
+        load_whisper(self.whisper, choice, report)
+        loaded = time.perf_counter()
+        transcript = self.whisper.transcribe_file(wav_path, choice, options, report)
+        self.run = PrecisionRun(choice.precision, transcript, time.perf_counter() - loaded, loaded - started)
+        self.wav = Path(wav_path)
+        return transcript
+
+
+def _request(services: Services, url, video_file, model, precision, device, task, language, max_line_chars,
+             max_duration, burn_in=False, soft_track=False) -> subtitle_job.SubtitleRequest:
+    choice, options = whisper_request(services.settings, model, precision, device, task, language,
+                                      word_timestamps=True)  # cue times follow the words
+    return subtitle_job.SubtitleRequest(
+        choice=choice, options=options,
+        rules=CueRules(max_line_chars=int(max_line_chars or 42), max_duration=float(max_duration or 6.0)),
+        url=url or None,
+        video_path=Path(video_file) if video_file else None,
+        burn_in=bool(burn_in),
+        soft_track=bool(soft_track),
+        max_seconds=services.settings.max_audio_seconds,
+    )
+
+
+def cue_text(cues) -> str:
+    return "\n".join(f"[{c.start:.2f} → {c.end:.2f}] {c.text}" for c in cues)
+
+
 def make_subtitles_handler(services: Services, yt_factory=youtube.YouTube):
     def subtitles(
         url: str,
@@ -67,7 +108,7 @@ def make_subtitles_handler(services: Services, yt_factory=youtube.YouTube):
         Args:
             url: a YouTube link; leave empty to use `video_file`.
             video_file: an uploaded video (or audio) file.
-            model, precision, device: as in /transcribe.
+            model, precision, device: as in /transcribe (precision "fp16" or "int8").
             task: "transcribe" (spoken language) or "translate" (English subtitles).
             language: spoken language code or "auto".
             max_line_chars: longest subtitle line in characters.
@@ -79,34 +120,73 @@ def make_subtitles_handler(services: Services, yt_factory=youtube.YouTube):
         """
         report = progress_fn(progress)
         try:
-            request = subtitle_job.SubtitleRequest(
-                choice=ModelChoice(model=services.settings.check_model(model or services.settings.default_model),
-                                   precision=precision or "fp16",
-                                   device=validate_device(device or services.settings.default_device)),
-                options=TranscribeOptions(task=task or "transcribe",
-                                          language=None if language in (None, "", AUTO_LANGUAGE) else language,
-                                          word_timestamps=True),  # cue times follow the words
-                rules=CueRules(max_line_chars=int(max_line_chars or 42), max_duration=float(max_duration or 6.0)),
-                url=url or None,
-                video_path=Path(video_file) if video_file else None,
-                burn_in=bool(burn_in),
-                soft_track=bool(soft_track),
-                max_seconds=services.settings.max_audio_seconds,
-            )
-            result = subtitle_job.make_subtitles(services.whisper, request, request_dir("subtitles"), report,
-                                                 yt_factory=yt_factory)
+            request = _request(services, url, video_file, model, precision, device, task, language, max_line_chars,
+                               max_duration, burn_in, soft_track)
+            result = subtitle_job.make_subtitles(_TimedWhisper(services.whisper), request, request_dir("subtitles"),
+                                                 report, yt_factory=yt_factory)
         except USER_ERRORS as exc:
             raise gr.Error(_message(exc)) from exc
         files = [str(result.files[k]) for k in ("srt", "vtt", "burned", "muxed") if k in result.files]
         # Gradio 6's Video takes its subtitles as a property, not as a (video, subtitles) value
         player = (gr.update(value=str(result.video), subtitles=str(result.files["vtt"])) if result.video
                   else gr.update(value=None, subtitles=None))
-        text = "\n".join(f"[{c.start:.2f} → {c.end:.2f}] {c.text}" for c in result.cues)
         for note in result.notes:
             gr.Info(note)
-        return player, text, files
+        return player, cue_text(result.cues), files
 
     return subtitles
+
+
+def make_subtitles_compare_handler(services: Services, yt_factory=youtube.YouTube):
+    def subtitles_compare(
+        url: str,
+        video_file: Optional[str],
+        model: str,
+        device: str,
+        task: str,
+        language: str,
+        max_line_chars: float,
+        max_duration: float,
+        progress: gr.Progress = gr.Progress(),
+    ) -> tuple[str, float, str, float, str, list[str]]:
+        """Subtitles of the same video with the FP16 and the INT8 model, each transcription timed.
+
+        The video is fetched and its audio extracted once; both models transcribe that audio. Each
+        model is loaded before its run (the first INT8 use quantizes the model: minutes), so the
+        times are transcription only.
+
+        Args:
+            url: a YouTube link; leave empty to use `video_file`.
+            video_file: an uploaded video (or audio) file.
+            model, device, task, language, max_line_chars, max_duration: as in /subtitles.
+        Returns:
+            FP16 subtitles, FP16 seconds, INT8 subtitles, INT8 seconds, a summary (time ratio, how far the
+            texts agree), and files [FP16 srt, FP16 vtt, INT8 srt, INT8 vtt].
+        """
+        report = progress_fn(progress)
+        work_dir = request_dir("subtitles-compare")
+        try:
+            request = _request(services, url, video_file, model, "fp16", device, task, language, max_line_chars,
+                               max_duration)
+            int8_choice = replace(request.choice, precision="int8")
+            first = _TimedWhisper(services.whisper, "FP16")
+            result = subtitle_job.make_subtitles(first, request, work_dir, part_of(report, 0.0, 0.5), yt_factory)
+            second = compare_precisions(
+                lambda p, part: load_whisper(services.whisper, int8_choice, part),
+                lambda p, part: services.whisper.transcribe_file(first.wav, int8_choice, request.options, part),
+                part_of(report, 0.5, 1.0), precisions=("int8",))
+        except USER_ERRORS as exc:
+            raise gr.Error(_message(exc)) from exc
+        runs = [first.run, *second]
+        stem = Path(result.files["srt"]).stem
+        fp16_files = [result.files[k].rename(result.files[k].with_name(f"{stem}.fp16.{k}")) for k in ("srt", "vtt")]
+        int8_outputs = write_outputs(second[0].value, work_dir / "int8", f"{stem}.int8", request.rules)
+        int8_cues = make_cues(second[0].value, request.rules)
+        summary = f"{speed_summary(runs)} {agreement_text(runs[0].value.text, runs[1].value.text)}"
+        return (cue_text(result.cues), round(runs[0].seconds, 3), cue_text(int8_cues), round(runs[1].seconds, 3),
+                summary, [str(p) for p in fp16_files] + [str(int8_outputs[k]) for k in ("srt", "vtt")])
+
+    return subtitles_compare
 
 
 def build_subtitles_tab(services: Services) -> None:
@@ -136,6 +216,17 @@ def build_subtitles_tab(services: Services) -> None:
             player = gr.Video(label="Video with subtitles", interactive=False)
             cues = gr.Textbox(label="Subtitles", lines=10)
             files = gr.File(label="Downloads", file_count="multiple")
+    with gr.Accordion("Compare FP16 and INT8: the same audio through both models, timed", open=False):
+        compare = gr.Button("Compare FP16 and INT8", elem_id="subtitles-compare")
+        with gr.Row():
+            with gr.Column():
+                fp16_cues = gr.Textbox(label="FP16 subtitles", lines=8)
+                fp16_seconds = gr.Number(label="FP16 seconds", interactive=False)
+            with gr.Column():
+                int8_cues = gr.Textbox(label="INT8 subtitles", lines=8)
+                int8_seconds = gr.Number(label="INT8 seconds", interactive=False)
+        compare_summary = gr.Textbox(label="Comparison", interactive=False)
+        compare_files = gr.File(label="Downloads (FP16 and INT8 SRT, WebVTT)", file_count="multiple")
     url.blur(make_info_handler(), inputs=[url], outputs=[info, thumbnail], api_name="video_info",
              concurrency_id="network", concurrency_limit=settings.concurrency["network"])
     run.click(
@@ -144,6 +235,14 @@ def build_subtitles_tab(services: Services) -> None:
                 burn_in, soft_track],
         outputs=[player, cues, files],
         api_name="subtitles",
+        concurrency_id="whisper",
+        concurrency_limit=settings.concurrency["whisper"],
+    )
+    compare.click(
+        make_subtitles_compare_handler(services),
+        inputs=[url, video_file, model, device, task, language, max_line_chars, max_duration],
+        outputs=[fp16_cues, fp16_seconds, int8_cues, int8_seconds, compare_summary, compare_files],
+        api_name="subtitles_compare",
         concurrency_id="whisper",
         concurrency_limit=settings.concurrency["whisper"],
     )
