@@ -44,6 +44,8 @@ class LoadedWhisper:
     lang_to_id: dict[str, int]
     load_seconds: float
     word_timestamps: bool = False
+    tokenizer: Any = None
+    max_length: int = 448  # decoder positions: prompt + special tokens + new tokens
     run_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -109,6 +111,8 @@ class WhisperService:
             lang_to_id=dict(config.lang_to_id),
             load_seconds=time.perf_counter() - start,
             word_timestamps=with_words,
+            tokenizer=pipeline.get_tokenizer(),
+            max_length=int(config.max_length or 448),
         )
 
     @staticmethod
@@ -193,11 +197,15 @@ class WhisperService:
         language = self._language_token(loaded, options.language)
         segments: list[Segment] = []
         texts: list[str] = []
+        context: list[str] = []  # text since the last reset: the next window's prompt
         detected: Optional[str] = None
         for index, (window, samples) in enumerate(pieces):
             progress(0.9 + 0.1 * index / max(count, 1), f"transcribe part {index + 1} of {count}")
-            prompt = texts[-1][-self.guards.prompt_chars:] if texts and self.guards.prompt_chars else None
-            decoded = self._decode(loaded, samples, options, language, prompt)
+            decoded = self._decode(loaded, samples, options, language, self._prompt(loaded, context))
+            if decoded.temperature > self.guards.prompt_reset_temperature:
+                context.clear()  # a window that needed hot sampling is no context for the next one
+            elif decoded.text:
+                context.append(decoded.text)
             if detected is None and decoded.language:
                 detected = decoded.language
                 if language is None and loaded.multilingual:
@@ -223,13 +231,37 @@ class WhisperService:
             duration=round(duration, 3),
         )
 
+    def _prompt(self, loaded: LoadedWhisper, context: list[str]) -> Optional["Prompt"]:
+        """The end of the text so far, whole words, at most ``guards.prompt_tokens`` tokens, as
+        Whisper's reference decoder conditions each 30 s window on the text before it."""
+        limit = self.guards.prompt_tokens
+        if not context or limit <= 0 or loaded.tokenizer is None:
+            return None
+        words = " ".join(context)[-limit * 8:].split()  # a token is rarely longer than 8 characters
+
+        def tokens(first: int) -> int:
+            ids = loaded.tokenizer.encode(" " + " ".join(words[first:]), add_special_tokens=False).input_ids
+            return int(ids.get_shape()[-1])
+
+        low, high = 0, len(words)  # the fewest words to drop so that the rest fits
+        while low < high:
+            middle = (low + high) // 2
+            if tokens(middle) <= limit:
+                high = middle
+            else:
+                low = middle + 1
+        if low >= len(words):
+            return None
+        return Prompt(" ".join(words[low:]), tokens(low))
+
     def _decode(self, loaded: LoadedWhisper, samples: np.ndarray, options: TranscribeOptions,
-                language: Optional[str], prompt: Optional[str] = None) -> "Decoded":
-        """One window (<= 30 s): greedy first, conditioned on the previous window's text; on a
+                language: Optional[str], prompt: Optional["Prompt"] = None) -> "Decoded":
+        """One window (<= 30 s): greedy first, conditioned on the text before it; on a
         repetition loop, retry unconditioned with sampling at rising temperatures (as Whisper's
         reference decoder does) and keep the least repetitive result."""
         seconds = samples.size / SAMPLE_RATE
         candidates: list[Decoded] = []
+        budget = int(self.guards.base_tokens + self.guards.tokens_per_second * seconds)
         for temperature in self.guards.temperatures:
             config = loaded.pipeline.get_generation_config()  # a copy: this request's settings only
             config.task = options.task if loaded.multilingual else None
@@ -241,9 +273,11 @@ class WhisperService:
             # decodes without timestamp tokens and takes segment times from the words: on real speech
             # the word times are the same either way.
             config.return_timestamps = not with_words
-            config.max_new_tokens = int(self.guards.base_tokens + self.guards.tokens_per_second * seconds)
+            config.max_new_tokens = budget
             if prompt and temperature == 0:
-                config.initial_prompt = prompt
+                config.initial_prompt = prompt.text
+                # <|startofprev|> prompt <|startoftranscript|> <|lang|> <|task|> <|0.00|>, then new tokens
+                config.max_new_tokens = max(1, min(budget, loaded.max_length - prompt.tokens - 5))
             if temperature > 0:
                 config.do_sample = True
                 config.temperature = temperature
@@ -251,7 +285,7 @@ class WhisperService:
             with loaded.run_lock:
                 result = loaded.pipeline.generate(np.ascontiguousarray(samples, dtype=np.float32),
                                                   generation_config=config)
-            decoded = Decoded.from_result(result, seconds)
+            decoded = Decoded.from_result(result, seconds, temperature)
             candidates.append(decoded)
             if not looks_degenerate(decoded.text, self.guards.compression_ratio_threshold):
                 return decoded
@@ -290,7 +324,20 @@ class DecodeGuards:
     base_tokens: int = 24  # token budget per window: base + per second of audio
     tokens_per_second: float = 7.0
     seed: int = 1234
-    prompt_chars: int = 200  # previous text given as a prompt to the next window (0: none)
+    # Each window is conditioned on the end of the text before it (Whisper's
+    # condition_on_previous_text): at most this many tokens (223 = half the decoder's 448
+    # positions, as in the reference decoder; 0: no prompt). A window that needed sampling above
+    # prompt_reset_temperature is not used as context, so a loop cannot carry over.
+    prompt_tokens: int = 223
+    prompt_reset_temperature: float = 0.5
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Text the next window is conditioned on, and its length in tokens."""
+
+    text: str
+    tokens: int
 
 
 @dataclass(frozen=True)
@@ -308,14 +355,15 @@ class Decoded:
     text: str
     chunks: tuple[Chunk, ...]
     language: Optional[str]
+    temperature: float = 0.0  # the temperature that produced it
 
     @classmethod
-    def from_result(cls, result: Any, seconds: float) -> "Decoded":
+    def from_result(cls, result: Any, seconds: float, temperature: float = 0.0) -> "Decoded":
         if not result.chunks and result.words:  # word mode: segments are made from the timed words
             chunks = [c for c in chunks_from_words(result.words, seconds) if not is_empty_text(c.text)]
             text = " ".join(c.text for c in chunks)
             language = (getattr(result, "language", "") or "").strip("<|>") or None
-            return cls(text=text, chunks=tuple(chunks), language=language)
+            return cls(text=text, chunks=tuple(chunks), language=language, temperature=temperature)
         chunks = []
         for chunk in result.chunks or []:
             text = chunk.text.strip()
@@ -329,7 +377,7 @@ class Decoded:
         if is_empty_text(text):
             text = ""
         language = (getattr(result, "language", "") or "").strip("<|>") or None
-        return cls(text=text, chunks=tuple(chunks), language=language)
+        return cls(text=text, chunks=tuple(chunks), language=language, temperature=temperature)
 
     def without_repeats(self) -> "Decoded":
         """Cut a phrase loop that survived every fallback down to its first occurrences."""
@@ -340,7 +388,7 @@ class Decoded:
                 continue
             kept.append(Chunk(chunk.start, chunk.end, cleaned, chunk.words if cleaned == chunk.text else ()))
         text = " ".join(c.text for c in kept) if kept else collapse_repeats(self.text)
-        return Decoded(text=text, chunks=tuple(kept), language=self.language)
+        return Decoded(text=text, chunks=tuple(kept), language=self.language, temperature=self.temperature)
 
 
 SENTENCE_END = (".", "!", "?", "\u3002", "\uff01", "\uff1f")

@@ -134,3 +134,19 @@ def test_decoding_resamples_any_rate_and_format_to_16k_mono(tmp_path, english_cl
     a, b = load_audio(english_clip), load_audio(stereo)
     assert b.dtype == np.float32 and b.ndim == 1
     assert abs(a.size - b.size) < 16000 * 0.1
+
+
+def test_each_window_is_conditioned_on_whole_words_of_the_text_before_it(service, choice):
+    """The prompt is the end of the text so far, in whole words, within the token limit."""
+    from pipelines.asr import DecodeGuards
+
+    loaded = service.load(choice)
+    earlier = [" ".join(f"word{i}," for i in range(300)), "The last sentence before this window."]
+    prompt = service._prompt(loaded, earlier)
+    assert prompt.text.endswith("The last sentence before this window.")
+    assert prompt.text.split()[0] in earlier[0].split()  # starts on a whole word
+    assert 200 <= prompt.tokens <= service.guards.prompt_tokens
+    ids = loaded.tokenizer.encode(" " + prompt.text, add_special_tokens=False).input_ids
+    assert ids.get_shape()[-1] == prompt.tokens
+    assert service._prompt(loaded, []) is None
+    assert WhisperService(service.store, guards=DecodeGuards(prompt_tokens=0))._prompt(loaded, earlier) is None

@@ -36,30 +36,31 @@ def test_local_ir_folder_is_used_in_place(whisper_store, tiny_whisper_ir):
     assert resolved.path == tiny_whisper_ir.resolve() and resolved.source == "local-ir"
 
 
-def test_int8_is_calibrated_ptq_encoder_and_int8_weight_decoder(whisper_store, tiny_whisper_hf):
+def test_int8_is_an_int8_weight_decoder_beside_the_fp16_encoder(whisper_store, tiny_whisper_hf, tiny_whisper_ir):
     from pipelines.quantize import count_int8
 
     resolved = whisper_store.resolve(str(tiny_whisper_hf), "int8")
-    encoder = count_int8(resolved.path / "openvino_encoder_model.xml")
+    assert resolved.path != tiny_whisper_ir and "int8" in resolved.path.parts
     decoder = count_int8(resolved.path / "openvino_decoder_model.xml")
-    assert encoder["fake_quantize"] >= 8 and encoder["int8_constants"] >= 8  # activations and weights
-    assert decoder["int8_constants"] >= 8
+    assert decoder["int8_constants"] >= 8 and decoder["fake_quantize"] == 0  # INT8 weights, float activations
+    assert count_int8(resolved.path / "openvino_encoder_model.xml") == {"fake_quantize": 0, "int8_constants": 0}
+    assert (resolved.path / "openvino_decoder_model.bin").stat().st_size < (
+        tiny_whisper_ir / "openvino_decoder_model.bin").stat().st_size
     marker = json.loads((resolved.path / READY_MARKER).read_text())
-    assert marker["method"].startswith("hybrid") and marker["calibration_clips"] >= 8
+    assert marker["method"].startswith("INT8 weight-only decoder")
+    # the rest of the folder is the FP16 model's: tokenizers, and the same generation settings
     for name in TOKENIZER_IR_FILES:
         assert (resolved.path / name).is_file()
+    assert json.loads((resolved.path / "generation_config.json").read_text()) == json.loads(
+        (tiny_whisper_ir / "generation_config.json").read_text())
 
 
-def test_int8_without_calibration_audio_falls_back_to_weight_only(tmp_path, tiny_whisper_ir, monkeypatch):
+def test_int8_needs_no_calibration_audio(tmp_path, tiny_whisper_ir, monkeypatch):
     from pipelines import quantize
-    from pipelines.quantize import count_int8
 
     monkeypatch.setattr(quantize.shutil, "which", lambda name: None)  # no espeak-ng, no folder given
     resolved = WhisperModelStore(tmp_path).resolve(str(tiny_whisper_ir), "int8")
-    assert count_int8(resolved.path / "openvino_decoder_model.xml")["int8_constants"] >= 8
-    assert count_int8(resolved.path / "openvino_encoder_model.xml")["fake_quantize"] == 0
-    marker = json.loads((resolved.path / READY_MARKER).read_text())
-    assert marker["method"].startswith("weight-only") and "espeak-ng" in marker["why_not_calibrated"]
+    assert quantize.count_int8(resolved.path / "openvino_decoder_model.xml")["int8_constants"] >= 8
 
 
 def test_offline_hub_model_names_the_model_and_the_way_out(tmp_path):

@@ -49,6 +49,17 @@ def test_english_minute_long_wer_at_most_15_percent(whisper, speech_clips):
     assert transcript.segments[-1].end > 30.0  # timestamps across the whole minute, not one window
 
 
+def test_int8_loses_at_most_one_wer_point_against_fp16(whisper, speech_clips):
+    """Issue #6: INT8 keeps the words (its speed is measured by benchmarks/whisper_bench.py)."""
+    clip = speech_clips["english_long"]
+    audio = load_audio(clip["path"])
+    wer = {precision: word_error_rate(clip["text"], whisper.transcribe(
+        audio, ModelChoice(DEFAULT_MODEL, precision), TranscribeOptions(language="en")).text)
+        for precision in ("fp16", "int8")}
+    print(f"english WER fp16 {wer['fp16']:.3f} int8 {wer['int8']:.3f}")
+    assert wer["int8"] <= wer["fp16"] + 0.01, wer
+
+
 @pytest.mark.parametrize("name", ["german", "spanish"])
 def test_language_is_detected_and_transcript_stays_in_it(whisper, speech_clips, name):
     clip = speech_clips[name]

@@ -169,6 +169,19 @@ def test_plan_splits_speech_longer_than_a_window() -> None:
     assert windows[0].end == windows[1].start  # contiguous speech: cut exactly, no overlap
 
 
+def test_plan_full_window_ends_at_the_longest_pause_not_the_last_one() -> None:
+    # a sentence pause (0.36 s) at 25 s, then "Today," and a comma pause (0.2 s) before the rest:
+    # packing to the last pause that fits would end the window between "Today," and its sentence
+    regions = [(0.0, 10.0), (10.3, 25.0), (25.36, 25.9), (26.1, 32.0), (32.1, 40.0)]
+    windows = plan_windows(regions, 41.0, max_window=30.0, pad=0.2)
+    check_plan(windows, regions, 41.0, 30.0)
+    assert [w.speech[-1][1] for w in windows] == [25.0, 40.0]
+    assert windows[1].speech[0] == (25.36, 25.9)
+    # a window is never cut shorter than min_fill of max_window for a longer pause early on
+    early = [(0.0, 3.0), (5.0, 20.0), (20.1, 29.0), (29.1, 35.0)]
+    assert plan_windows(early, 36.0, max_window=30.0)[0].speech[-1] == (20.1, 29.0)
+
+
 def test_plan_clips_to_the_audio_and_merges_overlaps() -> None:
     windows = plan_windows([(-1.0, 2.0), (1.5, 4.0), (9.5, 12.0), (13.0, 14.0)], 10.0, pad=0.5)
     assert windows == [Window(0.0, 4.5, ((0.0, 4.0),)), Window(9.0, 10.0, ((9.5, 10.0),))]
