@@ -8,7 +8,9 @@ Public API (the Gradio tab calls these; nothing here imports gradio):
 * :class:`OVControlNetPipeline` - the denoising pipeline over converted IR; ``__call__`` returns a
   :class:`GenerationResult`.
 * :class:`ImageService` - converts (once, cached) and loads (once, lazily) a pipeline per
-  model pair and device; ``generate``, ``release``.
+  model pair, device and precision (``"fp16"``, or ``"int8"``: the UNet and ControlNet
+  quantized by NNCF, see :mod:`pipelines.quantize`); ``generate``, ``release``.
+* :func:`check_precision`.
 * :func:`save_png` / :func:`read_png_metadata` - PNG files carrying their settings (an A1111-style
   ``parameters`` text chunk plus a JSON ``voice_studio`` chunk).
 * :class:`GenerationCancelled`.
@@ -25,9 +27,10 @@ import json
 import random
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
@@ -43,7 +46,9 @@ from .sd_convert import (
     VAE_DECODER_IR,
     ensure_controlnet,
     ensure_sd15,
+    ensure_sd_int8,
 )
+from .types import PRECISIONS
 
 if TYPE_CHECKING:  # pragma: no cover
     import openvino as ov
@@ -69,6 +74,7 @@ MAX_PROMPT_CHARS = 2000
 PNG_JSON_KEY = "voice_studio"
 
 PoseImageInput = Union[Image.Image, np.ndarray, str, Path, None]
+InputObserver = Callable[[str, dict], Any]  # observer(component, inputs) before each ControlNet/UNet infer
 StepProgress = Callable[[int, int], Any]  # progress(done_steps, total_steps)
 CancelCheck = Union[Callable[[], bool], threading.Event, None]
 
@@ -233,6 +239,17 @@ def check_inputs(options: ImageOptions, pose_image: PoseImageInput) -> Image.Ima
     return load_pose_image(pose_image)
 
 
+def check_precision(precision: Any) -> str:
+    """``precision`` as one of :data:`pipelines.types.PRECISIONS` (``"fp16"``, ``"int8"``), or ``ValueError``."""
+    value = precision.strip().lower() if isinstance(precision, str) else precision
+    if value not in PRECISIONS:
+        raise ValueError(
+            f"Unknown precision {precision!r} for image generation; choose one of: {', '.join(PRECISIONS)} "
+            "(fp16 = the converted model as is, int8 = UNet and ControlNet quantized to INT8: faster on CPU)."
+        )
+    return value
+
+
 def resolve_seeds(options: ImageOptions) -> tuple[int, ...]:
     """One seed per image: ``seed + i`` (wrapping at 2**32); seed -1 picks a random base seed."""
     base = options.seed
@@ -265,6 +282,8 @@ def parameters_text(options: ImageOptions, seed: Optional[int] = None, extra: Op
     if extra.get("controlnet_model"):
         fields.append(f"ControlNet: {extra['controlnet_model']}")
     fields.append(f"ControlNet weight: {options.controlnet_scale:g}")
+    if extra.get("precision"):
+        fields.append(f"Precision: {str(extra['precision']).upper()}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
 
@@ -382,6 +401,7 @@ class OVControlNetPipeline:
         self._lock = threading.RLock()
         self._processors = None
         self._residual_names: Optional[list[str]] = None
+        self._observer: Optional[InputObserver] = None
 
     @classmethod
     def from_folders(
@@ -394,8 +414,13 @@ class OVControlNetPipeline:
         core: Optional["ov.Core"] = None,
         info: Optional[dict] = None,
         static_shapes: bool = True,
+        int8_folder: Optional[Path] = None,
     ) -> "OVControlNetPipeline":
-        """Build from IR folders made by :func:`pipelines.sd_convert.ensure_sd15` / ``ensure_controlnet``."""
+        """Build from IR folders made by :func:`pipelines.sd_convert.ensure_sd15` / ``ensure_controlnet``.
+
+        With ``int8_folder`` (made by :func:`pipelines.sd_convert.ensure_sd_int8` from these two
+        folders) the UNet and ControlNet are its INT8 models; the text encoder and VAE stay FP16.
+        """
         sd_folder, controlnet_folder = Path(sd_folder), Path(controlnet_folder)
         summary = json.loads((sd_folder / PIPELINE_JSON).read_text())
         cn_summary = json.loads((controlnet_folder / PIPELINE_JSON).read_text())
@@ -406,10 +431,11 @@ class OVControlNetPipeline:
                 f"{summary.get('num_down_residuals')} residuals. Use an SD1.5 ControlNet with an SD1.5 model."
             )
         scheduler_config = json.loads((sd_folder / "scheduler" / "scheduler_config.json").read_text())
+        denoisers = Path(int8_folder) if int8_folder is not None else None
         return cls(
             text_encoder=sd_folder / TEXT_ENCODER_IR,
-            unet=sd_folder / UNET_IR,
-            controlnet=controlnet_folder / CONTROLNET_IR,
+            unet=(denoisers or sd_folder) / UNET_IR,
+            controlnet=(denoisers or controlnet_folder) / CONTROLNET_IR,
             vae_decoder=sd_folder / VAE_DECODER_IR,
             tokenizer=sd_folder / "tokenizer",
             scheduler_config=scheduler_config,
@@ -419,7 +445,8 @@ class OVControlNetPipeline:
             device=device,
             ov_config=ov_config,
             core=core,
-            info={"sd_model": summary.get("model"), "controlnet_model": cn_summary.get("model"), **(info or {})},
+            info={"sd_model": summary.get("model"), "controlnet_model": cn_summary.get("model"),
+                  "precision": "int8" if denoisers else "fp16", **(info or {})},
             static_shapes=static_shapes,
         )
 
@@ -532,6 +559,23 @@ class OVControlNetPipeline:
                     self.compiled(name)
         return self
 
+    @contextmanager
+    def observe_inputs(self, observer: InputObserver) -> Iterator["OVControlNetPipeline"]:
+        """Call ``observer(component, inputs)`` before every ControlNet and UNet inference while inside.
+
+        ``component`` is ``"controlnet"`` or ``"unet"``, ``inputs`` the dict of named arrays passed to
+        the infer request. They are shared with the request and reused at the next step, so an
+        observer that keeps them must copy. This is how INT8 calibration collects the models' real
+        inputs while the FP16 pipeline denoises (as the OpenVINO ControlNet/SD notebooks wrap the
+        compiled models). The pipeline's lock is held throughout: other calls wait.
+        """
+        with self._lock:
+            self._observer = observer
+            try:
+                yield self
+            finally:
+                self._observer = None
+
     @property
     def is_compiled(self) -> bool:
         return bool(self._compiled)
@@ -632,6 +676,9 @@ class OVControlNetPipeline:
             controlnet, unet = self._denoisers(shapes)
             controlnet_request = controlnet.create_infer_request()
             unet_request = unet.create_infer_request()
+            if self._observer is not None:
+                controlnet_request = _ObservedRequest(controlnet_request, "controlnet", self._observer)
+                unet_request = _ObservedRequest(unet_request, "unet", self._observer)
             controlnet_outputs = [port.get_any_name() for port in controlnet.outputs]
             unet_residual_names = self._unet_residual_names()
             scale = np.array(options.controlnet_scale, dtype=np.float32)
@@ -698,6 +745,17 @@ class OVControlNetPipeline:
         )
 
 
+class _ObservedRequest:
+    """An infer request that shows its inputs to an observer first (see ``observe_inputs``)."""
+
+    def __init__(self, request, name: str, observer: InputObserver):
+        self._request, self._name, self._observer = request, name, observer
+
+    def infer(self, inputs: dict, share_inputs: bool = False):
+        self._observer(self._name, inputs)
+        return self._request.infer(inputs, share_inputs=share_inputs)
+
+
 def _step_kwargs(scheduler, generator) -> dict:
     """eta (DDIM) and generator (ancestral samplers) when the scheduler's ``step`` takes them."""
     accepted = set(inspect.signature(scheduler.step).parameters)
@@ -717,9 +775,16 @@ def _step_kwargs(scheduler, generator) -> dict:
 class ImageService:
     """Converts (once, cached on disk) and loads (once, lazily) pose-guided SD pipelines.
 
-    ``get_pipeline`` is lock-guarded per (SD model, ControlNet, device): concurrent first requests
-    convert and load once. At most ``max_loaded`` pipelines stay loaded; loading another releases
-    the least recently used one.
+    ``get_pipeline`` is lock-guarded per (SD model, ControlNet, device, precision): concurrent first
+    requests convert, quantize and load once, and the conversion or quantization of one pair never
+    holds a lock that users of other models wait for (the service-wide lock guards only the
+    table of loaded pipelines). At most ``max_loaded`` pipelines stay loaded; loading another
+    releases the least recently used one.
+
+    ``precision="int8"`` runs the UNet and ControlNet quantized by NNCF post-training quantization,
+    made once per FP16 pair from calibration data gathered by running the FP16 pipeline
+    (``calibration``: a :class:`pipelines.quantize.SDCalibration`, default from the
+    ``VOICE_STUDIO_SD_CALIBRATION_*`` environment variables).
     """
 
     def __init__(
@@ -732,7 +797,10 @@ class ImageService:
         ov_config: Optional[dict] = None,
         local_files_only: bool = False,
         max_loaded: int = 1,
+        calibration=None,
     ):
+        from .quantize import SDCalibration
+
         self.cache_root = Path(cache_root)
         self.sd_model = sd_model
         self.controlnet_model = controlnet_model
@@ -740,18 +808,55 @@ class ImageService:
         self.ov_config = dict(ov_config or {})
         self.local_files_only = local_files_only
         self.max_loaded = max(1, int(max_loaded))
+        self.calibration = calibration if calibration is not None else SDCalibration.from_env()
         self._cache = AtomicFolderCache(self.cache_root)
         self._guard = threading.Lock()
         self._key_locks: dict[tuple, threading.Lock] = {}
         self._pipelines: dict[tuple, OVControlNetPipeline] = {}
         self._core = None
 
-    def _key(self, sd_ref, controlnet_ref, device) -> tuple:
-        return (sd_ref or self.sd_model, controlnet_ref or self.controlnet_model, (device or self.device).upper())
+    def _key(self, sd_ref, controlnet_ref, device, precision="fp16") -> tuple:
+        return (sd_ref or self.sd_model, controlnet_ref or self.controlnet_model, (device or self.device).upper(),
+                check_precision(precision))
 
     def loaded(self) -> list[tuple]:
+        """``(sd_model, controlnet_model, device)`` of each loaded pipeline, with ``"int8"`` appended
+        for INT8 ones."""
         with self._guard:
-            return list(self._pipelines)
+            return [key[:3] if key[3] == "fp16" else key for key in self._pipelines]
+
+    def model_folders(
+        self,
+        sd_ref: Optional[str] = None,
+        controlnet_ref: Optional[str] = None,
+        precision: str = "fp16",
+        progress: ProgressFn = no_progress,
+    ) -> dict[str, Path]:
+        """Convert (and for INT8 quantize) these models once; their cached folders, nothing loaded.
+
+        Returns ``{"sd", "controlnet"}`` (the FP16 IR folders), ``"int8"`` for INT8, and the
+        ``"unet_xml"`` / ``"controlnet_xml"`` files the pipeline will run.
+        """
+        precision = check_precision(precision)
+        sd, cn = sd_ref or self.sd_model, controlnet_ref or self.controlnet_model
+        share = 0.8 if precision == "fp16" else 0.3
+        sd_folder = ensure_sd15(
+            self.cache_root, sd, local_files_only=self.local_files_only, cache=self._cache,
+            progress=lambda f, m: progress(share * 0.8 * f, m),
+        )
+        cn_folder = ensure_controlnet(
+            self.cache_root, cn, local_files_only=self.local_files_only, cache=self._cache,
+            progress=lambda f, m: progress(share * (0.8 + 0.2 * f), m),
+        )
+        folders = {"sd": sd_folder, "controlnet": cn_folder,
+                   "unet_xml": sd_folder / UNET_IR, "controlnet_xml": cn_folder / CONTROLNET_IR}
+        if precision == "int8":
+            int8 = ensure_sd_int8(
+                self.cache_root, sd_folder, cn_folder, calibration=self.calibration, ov_config=self.ov_config,
+                cache=self._cache, progress=lambda f, m: progress(share + (0.95 - share) * f, m),
+            )
+            folders.update(int8=int8, unet_xml=int8 / UNET_IR, controlnet_xml=int8 / CONTROLNET_IR)
+        return folders
 
     def get_pipeline(
         self,
@@ -759,9 +864,11 @@ class ImageService:
         controlnet_ref: Optional[str] = None,
         device: Optional[str] = None,
         progress: ProgressFn = no_progress,
+        precision: str = "fp16",
     ) -> OVControlNetPipeline:
-        """The pipeline for these models on ``device``, converting and loading them once."""
-        key = self._key(sd_ref, controlnet_ref, device)
+        """The pipeline for these models on ``device`` at ``precision`` ("fp16" or "int8"),
+        converting, quantizing and loading them once."""
+        key = self._key(sd_ref, controlnet_ref, device, precision)
         with self._guard:
             pipeline = self._pipelines.get(key)
             if pipeline is not None:
@@ -773,22 +880,16 @@ class ImageService:
                 pipeline = self._pipelines.get(key)
             if pipeline is not None:
                 return pipeline
-            sd, cn, dev = key
-            sd_folder = ensure_sd15(
-                self.cache_root, sd, local_files_only=self.local_files_only, cache=self._cache,
-                progress=lambda f, m: progress(0.8 * f, m),
-            )
-            cn_folder = ensure_controlnet(
-                self.cache_root, cn, local_files_only=self.local_files_only, cache=self._cache,
-                progress=lambda f, m: progress(0.8 + 0.2 * f, m),
-            )
+            sd, cn, dev, precision = key
+            folders = self.model_folders(sd, cn, precision, progress=progress)
             if self._core is None:
                 import openvino as ov
 
                 self._core = ov.Core()
             pipeline = OVControlNetPipeline.from_folders(
-                sd_folder, cn_folder, device=dev, ov_config=self.ov_config, core=self._core,
-                info={"sd_model": sd, "controlnet_model": cn},
+                folders["sd"], folders["controlnet"], device=dev, ov_config=self.ov_config, core=self._core,
+                info={"sd_model": sd, "controlnet_model": cn, "precision": precision},
+                int8_folder=folders.get("int8"),
             )
             with self._guard:
                 self._pipelines[key] = pipeline
@@ -812,10 +913,15 @@ class ImageService:
         progress: Optional[StepProgress] = None,
         cancel: CancelCheck = None,
         load_progress: ProgressFn = no_progress,
+        precision: str = "fp16",
     ) -> GenerationResult:
-        """Check inputs, get (convert/load once) the pipeline, and generate."""
+        """Check inputs, get (convert/quantize/load once) the pipeline, and generate.
+
+        The result's ``extra["precision"]`` (and each PNG's metadata) says which precision made it.
+        """
+        precision = check_precision(precision)
         pose = check_inputs(options, pose_image)  # fail fast, before any conversion or loading
-        pipeline = self.get_pipeline(sd_ref, controlnet_ref, device, progress=load_progress)
+        pipeline = self.get_pipeline(sd_ref, controlnet_ref, device, progress=load_progress, precision=precision)
         return pipeline(options, pose, progress=progress, cancel=cancel)
 
     def release(self) -> None:

@@ -17,12 +17,14 @@ records that in the cached folder.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -120,3 +122,326 @@ def count_int8(xml_path: Path) -> dict[str, int]:
         elif kind == "Constant" and op.get_output_element_type(0).get_type_name() in ("u8", "i8"):
             counts["int8_constants"] += 1
     return counts
+
+
+# ================================================================================================
+# Stable Diffusion 1.5 + ControlNet INT8
+# ================================================================================================
+#
+# Measured on this CPU (2 cores, AVX-512 + AMX; full SD1.5 + ControlNet OpenPose, 512x512, CFG,
+# see /work/shared/MEASUREMENTS.md), seconds per denoising step (ControlNet + UNet):
+#   FP16 IR (runs bf16)                          7.0   (6.25 with static shapes)
+#   INT8 weight-only (nncf.compress_weights)     7.9   -> no gain: AMX bf16 matmuls are compute-bound here,
+#                                                         and weights are dequantised before them
+#   INT8 PTQ (nncf.quantize, TRANSFORMER,        5.4   (4.25 with static shapes): activations are INT8 too,
+#        bias correction off)                             so the convolutions and matmuls run on AMX-INT8
+# So SD INT8 is full post-training quantization of the two models run at every step, the UNet and
+# the ControlNet; the text encoder (once per image) and the VAE decoder (once, and sensitive) stay FP16.
+
+ENV_SD_CALIBRATION_PROMPTS = "VOICE_STUDIO_SD_CALIBRATION_PROMPTS"
+ENV_SD_CALIBRATION_POSES = "VOICE_STUDIO_SD_CALIBRATION_POSES"
+ENV_SD_CALIBRATION_SUBSET = "VOICE_STUDIO_SD_CALIBRATION_SUBSET"
+SD_CALIBRATION_PROMPTS = Path(__file__).parent / "data" / "calibration_prompts.json"
+SD_CALIBRATION_POSES = Path(__file__).parent / "data" / "calibration_poses.json"
+POSE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+SD_INT8_METHOD = (
+    "INT8 post-training quantization of UNet and ControlNet (nncf.quantize, ModelType.TRANSFORMER, "
+    "bias correction off), calibrated on their inputs while the FP16 pipeline denoises; text encoder and VAE FP16"
+)
+SD_INT8_FORMAT = 1  # bump when what the quantization writes changes: part of the cache key
+
+
+@dataclass(frozen=True)
+class SDCalibration:
+    """How SD INT8 calibration data is made: which prompts and poses, how many samples.
+
+    Calibration runs the FP16 pipeline ``ceil(subset_size / steps)`` times (prompt ``i`` with pose
+    ``i`` modulo their counts, seed ``i``) at ``width`` x ``height`` with CFG, and keeps the real
+    ControlNet and UNet inputs of every denoising step: ``subset_size`` samples per model. The
+    defaults cost about 30 FP16 steps on top of the quantization itself: small enough for a
+    2-core machine. ``prompts``: a JSON list (strings or ``{"prompt", "negative_prompt"}``) or a
+    text file with one prompt a line; ``poses``: a folder of OpenPose skeleton images. Without
+    them, the prompts and the keypoint sets shipped in ``pipelines/data`` are used.
+    """
+
+    prompts: Optional[Path] = None
+    poses: Optional[Path] = None
+    subset_size: int = 30
+    steps: int = 10
+    width: int = 512
+    height: int = 512
+    guidance_scale: float = 7.5
+
+    @classmethod
+    def from_env(cls, **overrides) -> "SDCalibration":
+        """Defaults, with the ``VOICE_STUDIO_SD_CALIBRATION_*`` variables applied, then ``overrides``."""
+        values: dict = {}
+        if os.environ.get(ENV_SD_CALIBRATION_PROMPTS):
+            values["prompts"] = Path(os.environ[ENV_SD_CALIBRATION_PROMPTS]).expanduser()
+        if os.environ.get(ENV_SD_CALIBRATION_POSES):
+            values["poses"] = Path(os.environ[ENV_SD_CALIBRATION_POSES]).expanduser()
+        if os.environ.get(ENV_SD_CALIBRATION_SUBSET):
+            raw = os.environ[ENV_SD_CALIBRATION_SUBSET]
+            if not raw.strip().isdigit() or int(raw) < 1:
+                raise ValueError(f"{ENV_SD_CALIBRATION_SUBSET} is {raw!r}; set it to a whole number of samples such as 30.")
+            values["subset_size"] = int(raw)
+        values.update(overrides)
+        return cls(**values)
+
+    def with_changes(self, **changes) -> "SDCalibration":
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+    @property
+    def runs(self) -> int:
+        return -(-int(self.subset_size) // int(self.steps))
+
+    def check(self) -> None:
+        for name in ("subset_size", "steps", "width", "height"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"SD calibration {name} is {value!r}; it must be a positive whole number.")
+        if self.width % 8 or self.height % 8:
+            raise ValueError(f"SD calibration size {self.width}x{self.height} must be a multiple of 8 (e.g. 512x512).")
+
+    def load(self) -> "SDCalibrationSet":
+        """The prompts and pose images to calibrate with, and where they came from.
+
+        Raises ``ValueError`` saying what to fix when a user-given file or folder is unusable.
+        """
+        self.check()
+        prompts, prompt_source = _calibration_prompts(self.prompts)
+        poses, pose_source, pose_digest = _calibration_poses(self.poses, self.width, self.height)
+        runs = self.runs
+        facts = {
+            "prompts": prompt_source, "poses": pose_source, "subset_size": self.subset_size, "steps": self.steps,
+            "size": f"{self.width}x{self.height}", "guidance_scale": self.guidance_scale,
+        }
+        digest = hashlib.sha1(json.dumps(
+            {"prompts": prompts[:runs], "poses": pose_digest, "format": SD_INT8_FORMAT,
+             **{k: v for k, v in facts.items() if k not in ("prompts", "poses")}},
+            sort_keys=True).encode()).hexdigest()[:12]
+        return SDCalibrationSet(prompts=prompts, poses=poses, sources=facts, key=digest)
+
+
+@dataclass(frozen=True)
+class SDCalibrationSet:
+    prompts: list  # [(prompt, negative_prompt)]
+    poses: list  # PIL images, RGB
+    sources: dict  # what made it, for the cache marker
+    key: str  # content key: the INT8 folder depends on it
+
+
+def _calibration_prompts(path: Optional[Path]) -> tuple[list[tuple[str, str]], str]:
+    source = Path(path) if path else SD_CALIBRATION_PROMPTS
+    how = (f"Give a JSON list of prompts (strings or {{\"prompt\": ..., \"negative_prompt\": ...}}) or a text file with "
+           f"one prompt a line ({ENV_SD_CALIBRATION_PROMPTS}).")
+    if not source.is_file():
+        raise ValueError(f"The SD calibration prompts file '{source}' does not exist. {how}")
+    text = source.read_text(encoding="utf-8")
+    try:
+        items = json.loads(text) if source.suffix.lower() == ".json" else [line for line in text.splitlines()]
+    except json.JSONDecodeError as error:
+        raise ValueError(f"The SD calibration prompts file '{source}' is not valid JSON ({error}). {how}") from None
+    prompts = []
+    for item in items if isinstance(items, list) else []:
+        if isinstance(item, str) and item.strip():
+            prompts.append((item.strip(), ""))
+        elif isinstance(item, dict) and str(item.get("prompt", "")).strip():
+            prompts.append((str(item["prompt"]).strip(), str(item.get("negative_prompt") or "")))
+    if not prompts:
+        raise ValueError(f"The SD calibration prompts file '{source}' holds no prompts. {how}")
+    origin = "the prompts shipped with the app" if path is None else str(source)
+    return prompts, f"{len(prompts)} prompts from {origin}"
+
+
+def _calibration_poses(folder: Optional[Path], width: int, height: int) -> tuple[list, str, str]:
+    """User pose images from ``folder``, else the shipped keypoint sets drawn by controlnet-aux."""
+    from PIL import Image, UnidentifiedImageError
+
+    if folder is not None:
+        folder = Path(folder)
+        how = (f"Point {ENV_SD_CALIBRATION_POSES} at a folder of OpenPose skeleton images (PNG or JPEG), or unset it "
+               "to use the poses shipped with the app.")
+        if not folder.is_dir():
+            raise ValueError(f"The SD calibration pose folder '{folder}' does not exist. {how}")
+        images, digest = [], hashlib.sha1()
+        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in POSE_SUFFIXES):
+            try:
+                with Image.open(path) as opened:
+                    images.append(opened.convert("RGB"))
+            except (UnidentifiedImageError, OSError) as error:
+                log.warning("SD calibration: skipping %s (%s)", path, error)
+                continue
+            digest.update(hashlib.sha1(path.read_bytes()).digest())
+        if not images:
+            raise ValueError(f"The SD calibration pose folder '{folder}' holds no readable images. {how}")
+        return images, f"{len(images)} pose images from {folder}", digest.hexdigest()
+    sets = {k: v for k, v in json.loads(SD_CALIBRATION_POSES.read_text()).items() if not k.startswith("_")}
+    images = [draw_pose_keypoints(people, width, height) for people in sets.values()]
+    digest = hashlib.sha1(json.dumps(sets, sort_keys=True).encode()).hexdigest()
+    return images, f"{len(images)} OpenPose skeletons drawn from the keypoint sets shipped with the app", digest
+
+
+def draw_pose_keypoints(people: list, width: int, height: int):
+    """An OpenPose skeleton image (controlnet-aux's drawing) of ``people``: each a list of 18 ``[x, y]``
+    fractions of the image (or ``None`` for a hidden keypoint), COCO-18 body order."""
+    from controlnet_aux.open_pose import PoseResult
+    from controlnet_aux.open_pose.body import BodyResult, Keypoint
+
+    from .pose import draw_skeleton
+
+    poses = []
+    for person in people:
+        keypoints = [Keypoint(x=float(p[0]), y=float(p[1])) if p is not None else None for p in person]
+        poses.append(PoseResult(BodyResult(keypoints, float(sum(k is not None for k in keypoints)),
+                                           sum(k is not None for k in keypoints)), None, None, None))
+    return draw_skeleton(poses, width, height)
+
+
+class _InputRecorder:
+    """Keeps the ControlNet and UNet inputs of each denoising step (copies: requests reuse their memory).
+
+    Large float tensors (the ControlNet residuals) are kept as float16 to halve the memory of the
+    calibration set and cast back to float32 when NNCF reads them; arrays that stay the same over
+    a whole image (text embeddings, control image) are stored once.
+    """
+
+    def __init__(self):
+        self.samples: dict[str, list[dict]] = {"controlnet": [], "unet": []}
+        self._shared: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __call__(self, name: str, inputs: dict) -> None:
+        kept = {}
+        for key, value in inputs.items():
+            array = np.asarray(value)
+            if key in ("encoder_hidden_states", "controlnet_cond"):
+                held = self._shared.get(id(value))
+                if held is None or held[0] is not value:
+                    held = (value, np.array(array, copy=True))
+                    self._shared[id(value)] = held
+                kept[key] = held[1]
+            elif array.dtype == np.float32 and array.size > 65536:
+                kept[key] = array.astype(np.float16)
+            else:
+                kept[key] = np.array(array, copy=True)
+        self.samples[name].append(kept)
+
+    @staticmethod
+    def to_model_input(sample: dict) -> dict:
+        return {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in sample.items()}
+
+
+def gather_sd_calibration(pipeline, data: SDCalibrationSet, settings: SDCalibration,
+                          progress=None) -> dict[str, list[dict]]:
+    """Run the FP16 ``pipeline`` (an :class:`~pipelines.image.OVControlNetPipeline`) on the calibration
+    prompts and poses; return the ControlNet and UNet inputs it saw (``subset_size`` of each)."""
+    from .image import ImageOptions
+
+    recorder = _InputRecorder()
+    runs, total = settings.runs, settings.runs * settings.steps
+    with pipeline.observe_inputs(recorder):
+        for run in range(runs):
+            prompt, negative = data.prompts[run % len(data.prompts)]
+            options = ImageOptions(prompt=prompt, negative_prompt=negative, steps=settings.steps,
+                                   guidance_scale=settings.guidance_scale, seed=run, width=settings.width,
+                                   height=settings.height, scheduler="UniPC")
+
+            def step(done: int, _total: int, run=run) -> None:
+                if progress is not None:
+                    progress((run * settings.steps + done) / total,
+                             f"Calibrating: FP16 image {run + 1} of {runs}, step {done} of {settings.steps}")
+
+            pipeline(options, data.poses[run % len(data.poses)], progress=step)
+    samples = {}
+    for name, items in recorder.samples.items():
+        keep = np.linspace(0, len(items) - 1, num=min(settings.subset_size, len(items))).round().astype(int)
+        samples[name] = [items[i] for i in sorted(set(keep.tolist()))]
+    return samples
+
+
+def quantize_sd_model(model, samples: list[dict]):
+    """NNCF post-training quantization of an SD UNet or ControlNet ``ov.Model`` on recorded inputs."""
+    import nncf
+
+    return nncf.quantize(
+        model,
+        nncf.Dataset(samples, _InputRecorder.to_model_input),
+        subset_size=len(samples),
+        model_type=nncf.ModelType.TRANSFORMER,
+        advanced_parameters=nncf.AdvancedQuantizationParameters(disable_bias_correction=True),
+    )
+
+
+def quantize_sd_int8(sd_folder: Path, controlnet_folder: Path, out_dir: Path, settings: Optional[SDCalibration] = None,
+                     *, data: Optional[SDCalibrationSet] = None, ov_config: Optional[dict] = None,
+                     progress=None) -> dict:
+    """Write INT8 ``unet.xml`` and ``controlnet.xml`` for this FP16 SD1.5 + ControlNet pair into ``out_dir``.
+
+    Why full post-training quantization and not INT8 weights only: measured on this AMX CPU (full
+    SD1.5 + ControlNet OpenPose, 512x512, CFG), a denoising step takes 7.0 s in FP16, 7.9 s with
+    INT8 weight-only compression (no speed-up: weights are dequantised before bf16 AMX matmuls) and
+    5.4 s with ``nncf.quantize`` (ModelType.TRANSFORMER, bias correction off); 6.25 s vs 4.25 s
+    with static shapes. Only the UNet and ControlNet, which run at every step, are quantized; the
+    text encoder and VAE decoder stay FP16.
+
+    Calibration data is gathered by running the FP16 pipeline (see :class:`SDCalibration`); then
+    the ControlNet and the UNet are quantized one after the other, each freed before the next, to
+    keep the peak memory down. Returns the facts recorded in the cache marker.
+    """
+    import gc
+    import time
+
+    import openvino as ov
+
+    from .image import OVControlNetPipeline
+    from .sd_convert import CONTROLNET_IR, UNET_IR
+
+    report = progress or (lambda fraction, message: None)
+    settings = settings or SDCalibration.from_env()
+    data = data or settings.load()
+    out_dir = Path(out_dir)
+    timings = {}
+    started = time.perf_counter()
+    report(0.0, f"Calibrating INT8: {settings.runs} FP16 images of {settings.steps} steps")
+    pipeline = OVControlNetPipeline.from_folders(sd_folder, controlnet_folder, device="CPU", ov_config=ov_config)
+    try:
+        samples = gather_sd_calibration(pipeline, data, settings, lambda f, m: report(0.4 * f, m))
+    finally:
+        pipeline.release()
+        del pipeline
+        gc.collect()
+    timings["gather_s"] = round(time.perf_counter() - started, 1)
+    core = ov.Core()
+    counts, used = {}, {name: len(items) for name, items in samples.items()}
+    for index, (name, xml, label) in enumerate((("controlnet", Path(controlnet_folder) / CONTROLNET_IR, "ControlNet"),
+                                                ("unet", Path(sd_folder) / UNET_IR, "UNet"))):
+        part_started = time.perf_counter()
+        report(0.4 + 0.3 * index, f"Quantizing the {label} to INT8 ({len(samples[name])} calibration samples)")
+        quantized = quantize_sd_model(core.read_model(xml), samples[name])
+        ov.save_model(quantized, out_dir / xml.name, compress_to_fp16=True)
+        del quantized
+        samples[name] = []
+        gc.collect()
+        counts[name] = count_int8(out_dir / xml.name)
+        if not counts[name]["fake_quantize"]:
+            raise RuntimeError(f"NNCF left the {label} without any INT8 operation; the FP16 model cannot be quantized.")
+        timings[f"{name}_s"] = round(time.perf_counter() - part_started, 1)
+    report(1.0, "INT8 models ready")
+    return {
+        "precision": "int8",
+        "method": SD_INT8_METHOD,
+        "nncf": {"function": "nncf.quantize", "model_type": "TRANSFORMER", "disable_bias_correction": True,
+                 "subset_size": settings.subset_size},
+        "calibration_samples": used["unet"],
+        "calibration_samples_per_model": used,
+        "calibration": (f"{settings.runs} FP16 images x {settings.steps} UniPC steps at {settings.width}x{settings.height}, "
+                        f"CFG {settings.guidance_scale:g}; {data.sources['prompts']}; {data.sources['poses']}"),
+        "calibration_sources": data.sources,
+        "calibration_key": data.key,
+        "int8_ops": counts,
+        "timings": timings,
+        "fp16_models": {"sd": str(sd_folder), "controlnet": str(controlnet_folder)},
+        "stays_fp16": ["text_encoder", "vae_decoder"],
+    }

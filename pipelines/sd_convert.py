@@ -12,6 +12,9 @@ versions and precision:
   encoder_hidden_states, controlnet_cond, conditioning_scale -> 12 down residuals + mid) and
   ``config.json``.
 * ``openpose/<ref>--<rev>--<versions>--fp16``: ``body_pose.xml`` (the OpenPose body network).
+* ``sd15_int8/<sd15 folder>/<controlnet folder>--<hash of calibration>``: INT8 ``unet.xml`` and
+  ``controlnet.xml`` made from that FP16 pair by NNCF post-training quantization
+  (:func:`ensure_sd_int8`); the text encoder and VAE decoder are the FP16 folder's.
 
 All shapes but the channel counts are dynamic (batch, height, width; the text length too). Weights
 are read from safetensors only (``use_safetensors=True``); the OpenPose ``.pth`` is read with
@@ -567,4 +570,56 @@ def ensure_body_pose(
         folder,
         lambda tmp: convert_body_pose(resolved.path, tmp, ref=ref, progress=progress),
         description={"model": ref, "revision": resolved.revision, "precision": PRECISION, "kind": "openpose-body"},
+    )
+
+
+def int8_folder(cache_root: Path, sd_folder: Path, controlnet_folder: Path, calibration_key: str) -> Path:
+    """Where the INT8 UNet + ControlNet of an FP16 pair live: keyed by the FP16 folders they came from
+    (whose names carry model, revision and converter versions) and by the calibration data."""
+    digest = hashlib.sha1(f"{Path(controlnet_folder).name}|{calibration_key}".encode()).hexdigest()[:12]
+    return Path(cache_root) / "sd15_int8" / Path(sd_folder).name / f"{Path(controlnet_folder).name[:80]}--{digest}"
+
+
+def ensure_sd_int8(
+    cache_root: Path,
+    sd_folder: Path,
+    controlnet_folder: Path,
+    *,
+    calibration=None,
+    ov_config: Optional[dict] = None,
+    progress: ProgressFn = no_progress,
+    cache: Optional[AtomicFolderCache] = None,
+) -> Path:
+    """Return the folder with the INT8 ``unet.xml`` and ``controlnet.xml`` for FP16 IR folders
+    ``sd_folder`` + ``controlnet_folder`` (made by :func:`ensure_sd15` / :func:`ensure_controlnet`),
+    quantizing once (see :func:`pipelines.quantize.quantize_sd_int8`).
+
+    The UNet and the ControlNet are quantized as a pair because the calibration runs them together
+    (the UNet's inputs include the ControlNet's residuals). ``calibration`` is a
+    :class:`pipelines.quantize.SDCalibration` (default: from the environment). The marker file
+    records the method, the number of calibration samples and where the prompts and poses came from.
+    """
+    from . import quantize
+
+    settings = calibration or quantize.SDCalibration.from_env()
+    data = settings.load()  # cheap (prompts + a few skeleton images); user-data errors surface here
+    sd_folder, controlnet_folder = Path(sd_folder), Path(controlnet_folder)
+    sd_summary = json.loads((sd_folder / PIPELINE_JSON).read_text())
+    cn_summary = json.loads((controlnet_folder / PIPELINE_JSON).read_text())
+    cache = cache or AtomicFolderCache(Path(cache_root))
+    folder = int8_folder(cache_root, sd_folder, controlnet_folder, data.key)
+
+    def build(tmp: Path) -> dict:
+        facts = quantize.quantize_sd_int8(sd_folder, controlnet_folder, tmp, settings, data=data,
+                                          ov_config=ov_config, progress=progress)
+        (tmp / PIPELINE_JSON).write_text(json.dumps({
+            "kind": "sd15_int8", "unet": UNET_IR, "controlnet": CONTROLNET_IR,
+            "sd_folder": sd_folder.name, "controlnet_folder": controlnet_folder.name,
+        }, indent=2))
+        return facts
+
+    return cache.get_or_build(
+        folder, build,
+        description={"kind": "sd15_int8", "precision": "int8", "model": sd_summary.get("model"),
+                     "controlnet": cn_summary.get("model")},
     )
