@@ -348,6 +348,13 @@ def test_the_api_names_the_switch_and_the_compare_endpoints(client):
     assert names("/subtitles_compare") == ["url", "video_file", "model", "device", "task", "language",
                                            "max_line_chars", "max_duration"]
     assert "precision" in names("/transcribe") and "precision" in names("/subtitles")
+    assert names("/generate_image_compare") == names("/generate_image")[:-1]
+    # new parameters come last, with defaults: older calls keep working
+    assert names("/voice_prompt") == ["audio", "model", "device", "precision"]
+    assert names("/generate_image")[-2:] == ["device", "precision"]
+    for endpoint in ("/voice_prompt", "/generate_image"):
+        last = endpoints[endpoint]["parameters"][-1]
+        assert last["parameter_has_default"] and last["parameter_default"] == "fp16", last
 
 
 def test_client_int8_transcription_runs_on_the_int8_model(client, tiny, english_clip):
@@ -385,3 +392,15 @@ def test_client_subtitles_compare(client, tiny, quiet_video):
     assert fp16 == int8 == "" and fp16_seconds >= 0 and int8_seconds >= 0 and "INT8" in summary
     assert sorted(Path(f).name for f in files) == ["quiet.fp16.srt", "quiet.fp16.vtt", "quiet.int8.srt",
                                                    "quiet.int8.vtt"]
+
+
+def test_client_voice_prompt_with_and_without_the_new_precision(client, svc, tiny, english_clip):
+    from gradio_client import handle_file
+
+    svc.whisper.release()
+    old_call = client.predict(audio=handle_file(str(english_clip)), model=tiny, device="CPU",
+                              api_name="/voice_prompt")
+    assert len(old_call) == 3 and svc.whisper.loaded_keys() == [(tiny, "fp16", "CPU")]
+    new_call = client.predict(audio=handle_file(str(english_clip)), model=tiny, device="CPU", precision="int8",
+                              api_name="/voice_prompt")
+    assert len(new_call) == 3 and (tiny, "int8", "CPU") in svc.whisper.loaded_keys()

@@ -423,3 +423,143 @@ def test_gradio_client_voice_prompt_spanish(client, speech_clips):
     english = set(normalised_words(prompt).split())
     assert len(english & ENGLISH_WORDS) >= 3 and english & {"good", "beach", "friends", "restaurant", "sea"}, prompt
     assert len(english & {"buenos", "días", "hoy", "playa", "con", "nuestros", "amigos", "tarde"}) <= 1, prompt
+
+
+# --------------------------------------------------------------------------- FP16 / INT8 (issue 6)
+# The INT8 image models are quantized with the small calibration tests/test_image_int8.py uses, in the
+# session's models folder, so the tiny pair is quantized once per session whichever file runs first.
+try:
+    from test_image_int8 import CALIBRATION as SD_CALIBRATION
+except ImportError:  # pragma: no cover - the same values
+    from pipelines.quantize import SDCalibration
+
+    SD_CALIBRATION = SDCalibration(subset_size=4, steps=2, width=256, height=256)
+
+
+class Steps:
+    """Stands in for gr.Progress: records what the user would read."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def __call__(self, fraction, desc=None, **_):
+        self.messages.append(desc or "")
+
+
+@pytest.fixture(scope="module")
+def int8_services(models_dir, tiny_refs) -> Services:
+    services = Services(Settings(models_dir=models_dir, sd_model=tiny_refs["sd"],
+                                 controlnet_model=tiny_refs["controlnet"], pose_model=tiny_refs["pose"]))
+    services.image.calibration = SD_CALIBRATION
+    return services
+
+
+def _fast_args(pose=None, seed=7, **change) -> list:
+    """generate_image's arguments up to ``device`` (the models left empty: the configured tiny ones)."""
+    s = {**FAST, **change}
+    return [PROMPT, "", pose, s["steps"], s["guidance_scale"], seed, s["controlnet_scale"], s["num_images"],
+            s["width"], s["height"], s["scheduler"], "", "", "CPU"]
+
+
+def test_generate_int8_switch_runs_the_int8_image_models(int8_services, skeleton, tiny_refs):
+    from ui.image_tab import CancelRegistry, make_generate_handler
+
+    steps = Steps()
+    args = _fast_args(skeleton)
+    paths, summary = make_generate_handler(int8_services, CancelRegistry())(*args, "int8", progress=steps)
+    meta = read_png_metadata(paths[0])
+    assert "Precision: INT8" in meta["parameters"] and meta["settings"]["precision"] == "int8"
+    assert summary.endswith("INT8") and "s per step" in summary
+    assert (tiny_refs["sd"], tiny_refs["controlnet"], "CPU", "int8") in int8_services.image.loaded()
+    assert any("first INT8 use quantizes them: this can take a few minutes" in m for m in steps.messages), steps.messages
+    # the FP16 default is unchanged
+    paths, summary = make_generate_handler(int8_services, CancelRegistry())(*args, progress=steps)
+    assert "Precision: FP16" in read_png_metadata(paths[0])["parameters"] and summary.endswith("FP16")
+
+
+def test_generate_compare_same_seed_both_precisions_with_seconds_per_step(int8_services, skeleton, first_batch):
+    from ui.image_tab import CancelRegistry, make_generate_compare_handler
+
+    steps = Steps()
+    args = _fast_args(skeleton)
+    fp16, fp16_per_step, int8, int8_per_step, summary = make_generate_compare_handler(
+        int8_services, CancelRegistry())(*args, progress=steps)
+    assert len(fp16) == len(int8) == 1
+    for path, precision in ((fp16[0], "fp16"), (int8[0], "int8")):
+        meta = read_png_metadata(path)
+        assert meta["settings"]["seed"] == 7 and meta["settings"]["precision"] == precision, meta
+    assert np.array_equal(pixels(fp16[0]), pixels(first_batch[0][0]))  # the FP16 side is the usual image
+    assert 0 < fp16_per_step < 60 and 0 < int8_per_step < 60
+    assert f"FP16 {fp16_per_step:.3f} s per step, INT8 {int8_per_step:.3f} s per step" in summary
+    assert "as fast as FP16" in summary and summary.endswith("Seeds 7 for both.")
+    assert any(m.startswith("INT8: denoising step") for m in steps.messages)
+    assert any(m.startswith("FP16: denoising step") for m in steps.messages)
+    # a random seed is drawn once, for both
+    args[5] = -1
+    fp16, _, int8, _, summary = make_generate_compare_handler(int8_services, CancelRegistry())(*args, **QUIET)
+    seeds = {read_png_metadata(p)["settings"]["seed"] for p in (fp16[0], int8[0])}
+    assert len(seeds) == 1 and seeds != {-1} and summary.endswith(f"Seeds {seeds.pop()} for both.")
+
+
+def test_image_precision_and_compare_errors_are_clear_and_load_nothing(int8_services, skeleton, tmp_path):
+    from ui.image_tab import CancelRegistry, make_generate_compare_handler, make_generate_handler
+
+    int8_services.release_all()
+    args = _fast_args(skeleton)
+    with pytest.raises(gr.Error, match="Precision 'fp32' is not offered; choose one of fp16, int8"):
+        make_generate_handler(int8_services, CancelRegistry())(*args, "fp32", **QUIET)
+    compare = make_generate_compare_handler(int8_services, CancelRegistry())
+    with pytest.raises(gr.Error, match="prompt is empty"):
+        compare(" ", *args[1:], **QUIET)
+    with pytest.raises(gr.Error, match="No pose image"):
+        compare(*args[:2], None, *args[3:], **QUIET)
+    with pytest.raises(gr.Error, match="Seed is -5"):
+        compare(*args[:5], -5, *args[6:], **QUIET)
+    assert int8_services.image.loaded() == []
+
+
+def test_shared_server_checks_the_voice_prompt_and_image_models(models_dir, english_clip, tiny_refs):
+    from app import build_app
+    from ui.image_tab import CancelRegistry, make_generate_handler, make_voice_prompt_handler
+
+    shared = Services(Settings(models_dir=models_dir, shared=True, allow_local_models=False))
+    with pytest.raises(gr.Error, match="shared, so a model cannot be loaded from a local path"):
+        make_voice_prompt_handler(shared)(str(english_clip), "/srv/whisper", "CPU", **QUIET)
+    with pytest.raises(gr.Error, match="shared, so a Stable Diffusion model cannot be loaded"):
+        make_generate_handler(shared, CancelRegistry())(*_fast_args()[:11], tiny_refs["sd"], "", "CPU", **QUIET)
+    assert shared.whisper.loaded_keys() == [] and shared.image.loaded() == []
+    # every Whisper picker, the image tab's included, offers no local folders there
+    infos = [c["props"].get("info") for c in build_app(shared).config["components"]
+             if c["props"].get("label") == "Whisper model"]
+    assert len(infos) == 3 and set(infos) == {"A listed model or a Hugging Face id."}
+
+
+@pytest.fixture(scope="module")
+def int8_client(int8_services):
+    from gradio_client import Client
+
+    from app import build_app
+
+    demo = build_app(int8_services)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    demo.close()
+
+
+def test_gradio_client_image_precision_and_compare(int8_client, skeleton_png):
+    from gradio_client import handle_file
+
+    settings = dict(prompt=PROMPT, negative_prompt="", pose=handle_file(str(skeleton_png)), steps=3,
+                    guidance_scale=7.5, seed=7, controlnet_scale=1.0, num_images=1, width=256, height=256,
+                    scheduler="UniPC", device="CPU")
+    gallery, summary = int8_client.predict(**settings, precision="int8", api_name="/generate_image")
+    assert summary.endswith("INT8")
+    assert read_png_metadata(gallery[0]["image"])["settings"]["precision"] == "int8"
+    fp16, fp16_per_step, int8, int8_per_step, summary = int8_client.predict(
+        **settings, api_name="/generate_image_compare")
+    metas = [read_png_metadata(g[0]["image"])["settings"] for g in (fp16, int8)]
+    assert [(m["precision"], m["seed"]) for m in metas] == [("fp16", 7), ("int8", 7)]
+    assert fp16_per_step > 0 and int8_per_step > 0 and "s per step" in summary
+    with pytest.raises(Exception, match="prompt is empty"):
+        int8_client.predict(**{**settings, "prompt": " "}, api_name="/generate_image_compare")

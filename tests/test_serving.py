@@ -256,7 +256,8 @@ def test_each_kind_of_work_has_its_own_concurrency_limit(services):
     by_name = {fn.api_name: fn for fn in demo.fns.values() if isinstance(fn.api_name, str)}
     expected = {"transcribe": ("whisper", 2), "subtitles": ("whisper", 2), "voice_prompt": ("whisper", 2),
                 "transcribe_compare": ("whisper", 2), "subtitles_compare": ("whisper", 2),
-                "generate_image": ("image", 1), "extract_pose": ("pose", 1), "video_info": ("network", 4)}
+                "generate_image": ("image", 1), "generate_image_compare": ("image", 1), "extract_pose": ("pose", 1),
+                "video_info": ("network", 4)}
     for name, (kind, limit) in expected.items():
         assert (by_name[name].concurrency_id, by_name[name].concurrency_limit) == (kind, limit), name
     assert {"cancel_generation", "release_models", "status"} <= set(by_name)

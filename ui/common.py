@@ -91,8 +91,9 @@ def whisper_request(settings, model: Optional[str], precision: Optional[str], de
                                      **options)
 
 
-def int8_first_use_note(what: str = "model") -> str:
-    return f"load INT8 {what} (its first use quantizes it: this can take a few minutes)"
+def int8_first_use_note(what: str = "model", plural: bool = False) -> str:
+    """The progress line shown before an INT8 model loads: its first use quantizes it, which takes long."""
+    return f"load INT8 {what} (the first INT8 use quantizes {'them' if plural else 'it'}: this can take a few minutes)"
 
 
 def announce_whisper_load(whisper, choice: ModelChoice, report: ProgressFn) -> None:

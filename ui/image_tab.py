@@ -1,8 +1,11 @@
-"""Tab 3: Voice to pose-guided image. Endpoints ``/voice_prompt``, ``/extract_pose``, ``/generate_image``."""
+"""Tab 3: Voice to pose-guided image. Endpoints ``/voice_prompt``, ``/extract_pose``, ``/generate_image`` and
+``/generate_image_compare`` (FP16 vs INT8 image models)."""
 from __future__ import annotations
 
 import math
+import random
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,10 +20,12 @@ from pipelines.devices import validate_device
 from pipelines.model_store import ModelUnavailable
 from pipelines.pose import NoPersonFound
 from pipelines.services import Services
-from pipelines.types import ModelChoice, TranscribeOptions
+from pipelines.types import TranscribeOptions
 from pipelines.whisper_models import translation_refusal
 
-from .common import device_dropdown, progress_fn, request_dir, whisper_model_dropdown
+from .common import (announce_whisper_load, check_precision, compare_precisions, device_dropdown,
+                     int8_first_use_note, precision_radio, progress_fn, request_dir, speed_summary,
+                     whisper_model_dropdown, whisper_request)
 
 USER_ERRORS = (AudioError, ModelUnavailable, sd_convert.ModelUnavailable, TranscriptionRefused, NoPersonFound,
                ValueError)
@@ -93,7 +98,7 @@ class CancelRegistry:
 
 
 def make_voice_prompt_handler(services: Services):
-    def voice_prompt(audio: Optional[str], model: str, device: str,
+    def voice_prompt(audio: Optional[str], model: str, device: str, precision: str = "fp16",
                      progress: gr.Progress = gr.Progress()) -> tuple[str, str, str]:
         """Spoken prompt in any language -> English prompt.
 
@@ -101,6 +106,7 @@ def make_voice_prompt_handler(services: Services):
             audio: a recording or audio file of the spoken prompt.
             model: Whisper model (multilingual for translation).
             device: OpenVINO device.
+            precision: Whisper precision, "fp16" or "int8" (the first INT8 use quantizes the model: minutes).
         Returns:
             the English prompt, the detected language, the original transcript.
         """
@@ -108,10 +114,10 @@ def make_voice_prompt_handler(services: Services):
             raise gr.Error("No voice prompt was given. Record or upload a short spoken description.")
         report = progress_fn(progress)
         try:
-            choice = ModelChoice(model=(model or services.settings.default_model).strip(),
-                                 device=validate_device(device or services.settings.default_device))
+            choice, options = whisper_request(services.settings, model, precision, device, timestamps=False)
             samples = load_audio(Path(audio))
-            original = services.whisper.transcribe(samples, choice, TranscribeOptions(timestamps=False), report)
+            announce_whisper_load(services.whisper, choice, report)
+            original = services.whisper.transcribe(samples, choice, options, report)
             if not original.text:
                 raise AudioError("No speech was heard in the recording. Speak a little louder or longer.")
             prompt = original.text
@@ -151,6 +157,36 @@ def make_extract_pose_handler(services: Services):
     return extract_pose
 
 
+def _image_options(prompt, negative_prompt, steps, guidance_scale, seed, controlnet_scale, num_images, width,
+                   height, scheduler) -> image_pipeline.ImageOptions:
+    # No int()/float() here: a cleared number box (None) or 260.5 reaches check_options, which
+    # names the setting and its allowed range, instead of a TypeError reaching the user.
+    return image_pipeline.ImageOptions(
+        prompt=(prompt or "").strip(), negative_prompt=negative_prompt or "", steps=_whole(steps),
+        guidance_scale=_real(guidance_scale), seed=_whole(seed), controlnet_scale=_real(controlnet_scale),
+        num_images=_whole(num_images), width=_whole(width), height=_whole(height), scheduler=scheduler)
+
+
+def _seconds_per_step(result) -> Optional[float]:
+    value = (result.extra.get("timings") or {}).get("seconds_per_step")
+    return float(value) if value is not None else None
+
+
+def _image_models(services: Services, sd_model: str, controlnet_model: str) -> dict:
+    """The user's model references, checked like Whisper's (a shared server takes no local paths)."""
+    settings = services.settings
+    return dict(sd_ref=settings.check_model(sd_model or "", kind="Stable Diffusion model") or None,
+                controlnet_ref=settings.check_model(controlnet_model or "", kind="ControlNet model") or None)
+
+
+def _announce_image_load(services: Services, refs: dict, device: str, precision: str, report) -> None:
+    """Say that the first INT8 use quantizes the image models (minutes), unless they are loaded already."""
+    key = (refs["sd_ref"] or services.image.sd_model, refs["controlnet_ref"] or services.image.controlnet_model,
+           device.upper(), "int8")
+    if precision == "int8" and key not in services.image.loaded():
+        report(0.0, int8_first_use_note("image models", plural=True))
+
+
 def make_generate_handler(services: Services, cancels: CancelRegistry):
     def generate_image(
         prompt: str,
@@ -167,6 +203,7 @@ def make_generate_handler(services: Services, cancels: CancelRegistry):
         sd_model: str,
         controlnet_model: str,
         device: str,
+        precision: str = "fp16",
         request: gr.Request = None,
         progress: gr.Progress = gr.Progress(),
     ) -> tuple[list[str], str]:
@@ -178,25 +215,24 @@ def make_generate_handler(services: Services, cancels: CancelRegistry):
             steps, guidance_scale, seed (-1 = random), controlnet_scale, num_images (1-4),
             width, height (multiples of 8, 256-1024), scheduler (UniPC, Euler a, DPM++ 2M, DDIM, PNDM, LMS).
             sd_model, controlnet_model: hub ids or local folders. device: OpenVINO device.
+            precision: image models' precision, "fp16" or "int8" (the first INT8 use quantizes them: minutes).
         Returns:
-            PNG files (each carries its settings as metadata) and a summary of seeds and time.
+            PNG files (each carries its settings as metadata) and a summary of seeds, precision and time.
         """
-        # No int()/float() here: a cleared number box (None) or 260.5 reaches check_options, which
-        # names the setting and its allowed range, instead of a TypeError reaching the user.
-        options = image_pipeline.ImageOptions(
-            prompt=(prompt or "").strip(), negative_prompt=negative_prompt or "", steps=_whole(steps),
-            guidance_scale=_real(guidance_scale), seed=_whole(seed), controlnet_scale=_real(controlnet_scale),
-            num_images=_whole(num_images), width=_whole(width), height=_whole(height), scheduler=scheduler)
+        options = _image_options(prompt, negative_prompt, steps, guidance_scale, seed, controlnet_scale, num_images,
+                                 width, height, scheduler)
         session = getattr(request, "session_hash", None) or "api"
         cancel = cancels.start(session)
         report = progress_fn(progress)
         try:
+            precision = check_precision(precision)
+            refs = _image_models(services, sd_model, controlnet_model)
+            dev = validate_device(device or services.settings.default_device)
+            _announce_image_load(services, refs, dev, precision, report)
             result = services.image.generate(
-                options, pose, sd_ref=(sd_model or "").strip() or None,
-                controlnet_ref=(controlnet_model or "").strip() or None,
-                device=validate_device(device or services.settings.default_device),
+                options, pose, **refs, device=dev,
                 progress=lambda done, total: report(done / max(total, 1), f"denoising step {done} of {total}"),
-                cancel=cancel, load_progress=report)
+                cancel=cancel, load_progress=report, precision=precision)
         except image_pipeline.GenerationCancelled as exc:
             raise gr.Error("Generation was cancelled.", title="Cancelled") from exc
         except USER_ERRORS as exc:
@@ -204,13 +240,85 @@ def make_generate_handler(services: Services, cancels: CancelRegistry):
         finally:
             cancels.finish(session, cancel)
         paths = result.save(request_dir("image"))
+        per_step = _seconds_per_step(result)
         summary = (f"{len(paths)} image(s), seeds {', '.join(map(str, result.seeds))}, "
-                   f"{result.elapsed:.1f} s")
+                   f"{result.elapsed:.1f} s" + (f" ({per_step:.3f} s per step)" if per_step is not None else "")
+                   + f", {result.extra.get('precision', precision).upper()}")
         for warning in result.warnings:
             gr.Warning(warning)
         return [str(p) for p in paths], summary
 
     return generate_image
+
+
+def make_generate_compare_handler(services: Services, cancels: CancelRegistry):
+    def generate_image_compare(
+        prompt: str,
+        negative_prompt: str,
+        pose,
+        steps: float,
+        guidance_scale: float,
+        seed: float,
+        controlnet_scale: float,
+        num_images: float,
+        width: float,
+        height: float,
+        scheduler: str,
+        sd_model: str,
+        controlnet_model: str,
+        device: str,
+        request: gr.Request = None,
+        progress: gr.Progress = gr.Progress(),
+    ) -> tuple[list[str], float, list[str], float, str]:
+        """The same images from the FP16 and the INT8 image models (same seed), each timed per denoising step.
+
+        Each pipeline is loaded before its run (the first INT8 use quantizes the models: minutes), so
+        the times are generation only. Cancel stops the comparison too.
+
+        Args:
+            the same as /generate_image, without precision (seed -1 picks one random seed for both runs).
+        Returns:
+            FP16 images, FP16 seconds per step, INT8 images, INT8 seconds per step, and a summary (ratio, seeds).
+        """
+        options = _image_options(prompt, negative_prompt, steps, guidance_scale, seed, controlnet_scale, num_images,
+                                 width, height, scheduler)
+        session = getattr(request, "session_hash", None) or "api"
+        cancel = cancels.start(session)
+        report = progress_fn(progress)
+        try:
+            refs = _image_models(services, sd_model, controlnet_model)
+            dev = validate_device(device or services.settings.default_device)
+            pose_image = image_pipeline.check_inputs(options, pose)  # fail fast, before any model is loaded
+            if options.seed == -1:  # one random seed, the same for both
+                options = replace(options, seed=random.SystemRandom().randrange(0, image_pipeline.MAX_SEED + 1))
+
+            def load(precision: str, part) -> None:
+                _announce_image_load(services, refs, dev, precision, part)
+                services.image.get_pipeline(refs["sd_ref"], refs["controlnet_ref"], dev, part, precision=precision)
+
+            def run(precision: str, part):
+                return services.image.generate(
+                    options, pose_image, **refs, device=dev, cancel=cancel, load_progress=part, precision=precision,
+                    progress=lambda done, total: part(done / max(total, 1), f"denoising step {done} of {total}"))
+
+            runs = compare_precisions(load, run, report)
+        except image_pipeline.GenerationCancelled as exc:
+            raise gr.Error("Generation was cancelled.", title="Cancelled") from exc
+        except USER_ERRORS as exc:
+            raise gr.Error(str(exc)) from exc
+        finally:
+            cancels.finish(session, cancel)
+        folder = request_dir("image-compare")
+        paths = {r.precision: [str(p) for p in r.value.save(folder, prefix=r.precision)] for r in runs}
+        per_step = [_seconds_per_step(r.value) or r.seconds / max(options.steps * options.num_images, 1)
+                    for r in runs]
+        seeds = ", ".join(map(str, runs[0].value.seeds))
+        summary = f"{speed_summary(runs, unit='s per step', seconds=per_step)} Seeds {seeds} for both."
+        for warning in dict.fromkeys(w for r in runs for w in r.value.warnings):
+            gr.Warning(warning)
+        return paths["fp16"], round(per_step[0], 4), paths["int8"], round(per_step[1], 4), summary
+
+    return generate_image_compare
 
 
 def make_cancel_handler(cancels: CancelRegistry):
@@ -239,7 +347,8 @@ def build_image_tab(services: Services) -> None:
             gr.Markdown("**1. Prompt**: speak it in any language, or type it.")
             voice = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Spoken prompt")
             with gr.Row():
-                whisper_model = whisper_model_dropdown(settings.default_model)
+                whisper_model = whisper_model_dropdown(settings.default_model, settings.allow_local_models)
+                whisper_precision = precision_radio("Whisper precision")
                 device = device_dropdown(settings.default_device)
             voice_button = gr.Button("Prompt from my voice")
             with gr.Row():
@@ -270,21 +379,41 @@ def build_image_tab(services: Services) -> None:
                 # The configured models (Settings), so the UI and API callers that leave these out use them.
                 sd_model = gr.Textbox(value=settings.sd_model, label="Stable Diffusion 1.5 model")
                 controlnet_model = gr.Textbox(value=settings.controlnet_model, label="ControlNet OpenPose model")
+                image_precision = precision_radio(
+                    "Image model precision", info="INT8 models are smaller and usually faster; their first use "
+                                                  "quantizes them (can take minutes).")
             with gr.Row():
                 generate_button = gr.Button("Generate", variant="primary")
                 cancel_button = gr.Button("Cancel")
                 release_button = gr.Button("Free memory")
             gallery = gr.Gallery(label="Images", columns=2, format="png")
             summary = gr.Textbox(label="Result", interactive=False)
-    voice_button.click(make_voice_prompt_handler(services), inputs=[voice, whisper_model, device],
+    with gr.Accordion("Compare FP16 and INT8: the same settings and seed through both image models, timed",
+                      open=False):
+        compare_button = gr.Button("Compare FP16 and INT8", elem_id="image-compare")
+        with gr.Row():
+            with gr.Column():
+                fp16_gallery = gr.Gallery(label="FP16", columns=2, format="png")
+                fp16_per_step = gr.Number(label="FP16 seconds per step", interactive=False)
+            with gr.Column():
+                int8_gallery = gr.Gallery(label="INT8", columns=2, format="png")
+                int8_per_step = gr.Number(label="INT8 seconds per step", interactive=False)
+        compare_summary = gr.Textbox(label="Comparison", interactive=False)
+    voice_button.click(make_voice_prompt_handler(services), inputs=[voice, whisper_model, device, whisper_precision],
                        outputs=[prompt, detected, original], api_name="voice_prompt", concurrency_id="whisper")
     pose_button.click(make_extract_pose_handler(services), inputs=[photo, device], outputs=[pose],
                       api_name="extract_pose", concurrency_id="pose")
     generate_button.click(
         make_generate_handler(services, cancels),
         inputs=[prompt, negative, pose, steps, guidance, seed, strength, num_images, width, height, scheduler,
-                sd_model, controlnet_model, device],
+                sd_model, controlnet_model, device, image_precision],
         outputs=[gallery, summary], api_name="generate_image", concurrency_id="image")
+    compare_button.click(
+        make_generate_compare_handler(services, cancels),
+        inputs=[prompt, negative, pose, steps, guidance, seed, strength, num_images, width, height, scheduler,
+                sd_model, controlnet_model, device],
+        outputs=[fp16_gallery, fp16_per_step, int8_gallery, int8_per_step, compare_summary],
+        api_name="generate_image_compare", concurrency_id="image")
     cancel_button.click(make_cancel_handler(cancels), outputs=[summary], api_name="cancel_generation",
                         concurrency_limit=None, queue=False)
     release_button.click(make_release_handler(services), outputs=[summary], api_name="release_models",
