@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Call a running Voice Studio server from the command line, through its named API endpoints.
 
-    python examples/api_client.py transcribe speech.mp3
+    python examples/api_client.py transcribe speech.mp3 --precision int8
+    python examples/api_client.py compare speech.mp3          # FP16 vs INT8: both texts and times
     python examples/api_client.py --server http://127.0.0.1:7860/ subtitles --video talk.mp4 --burn-in --out subs/
     python examples/api_client.py subtitles --url https://youtu.be/VIDEO_ID
     python examples/api_client.py voice-prompt prompt_de.wav
@@ -93,9 +94,19 @@ def subtitles(client, args) -> dict:
     return {"subtitles": cues, "files": _copy_out(_paths(files), args.out)}
 
 
+def compare(client, args) -> dict:
+    fp16_text, fp16_seconds, int8_text, int8_seconds, summary = client.predict(
+        audio=_file(args.file), media_file=None,
+        **_given(model=args.model, device=args.device, task=args.task, language=args.language),
+        api_name="/transcribe_compare")
+    return {"fp16": {"text": fp16_text, "seconds": fp16_seconds}, "int8": {"text": int8_text, "seconds": int8_seconds},
+            "summary": summary}
+
+
 def voice_prompt(client, args) -> dict:
-    prompt, language, said = client.predict(audio=_file(args.file), **_given(model=args.model, device=args.device),
-                                            api_name="/voice_prompt")
+    prompt, language, said = client.predict(
+        audio=_file(args.file), **_given(model=args.model, device=args.device, precision=args.precision),
+        api_name="/voice_prompt")
     return {"prompt": prompt, "language": language, "said": said}
 
 
@@ -110,14 +121,15 @@ def generate(client, args) -> dict:
         **_given(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
                  seed=args.seed, controlnet_scale=args.controlnet_scale, num_images=args.num_images,
                  width=args.width, height=args.height, scheduler=args.scheduler, sd_model=args.sd_model,
-                 controlnet_model=args.controlnet_model, device=args.device),
+                 controlnet_model=args.controlnet_model, device=args.device, precision=args.precision),
         api_name="/generate_image")
     return {"summary": summary, "images": _copy_out(_paths(gallery), args.out)}
 
 
 def show(result: dict) -> str:
     """Plain text for a person: the main text first, then the files."""
-    lines = []
+    lines = [f"{key.upper()} ({result[key]['seconds']:.2f} s): {result[key]['text']}" for key in ("fp16", "int8")
+             if isinstance(result.get(key), dict)]
     for key in ("text", "subtitles", "prompt", "summary"):
         if result.get(key):
             lines.append(str(result[key]))
@@ -141,11 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="copy the returned files into this folder")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def whisper_options(p: argparse.ArgumentParser, task: bool = True) -> None:
+    def whisper_options(p: argparse.ArgumentParser, task: bool = True, precision: bool = True) -> None:
         p.add_argument("--model", help="Whisper model (a listed id or a Hugging Face id; default: the server's)")
         p.add_argument("--device", help="OpenVINO device (CPU, GPU, NPU, AUTO)")
+        if precision:
+            p.add_argument("--precision", choices=["fp16", "int8"],
+                           help="Whisper precision (default fp16; the first INT8 use quantizes the model)")
         if task:
-            p.add_argument("--precision", choices=["fp16", "int8"])
             p.add_argument("--task", choices=["transcribe", "translate"])
             p.add_argument("--language", help="spoken language code (en, de, ...) or auto")
 
@@ -154,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     whisper_options(p)
     p.add_argument("--no-timestamps", action="store_true", help="no timed segments")
     p.set_defaults(run=transcribe)
+
+    p = commands.add_parser("compare", help="the same audio through the FP16 and the INT8 Whisper, timed "
+                                            "(/transcribe_compare)")
+    p.add_argument("file", help="an audio or video file")
+    whisper_options(p, precision=False)
+    p.set_defaults(run=compare)
 
     p = commands.add_parser("subtitles", help="video to subtitles (/subtitles)")
     source = p.add_mutually_exclusive_group(required=True)
@@ -191,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sd-model")
     p.add_argument("--controlnet-model")
     p.add_argument("--device")
+    p.add_argument("--precision", choices=["fp16", "int8"],
+                   help="image models' precision (default fp16; the first INT8 use quantizes them)")
     p.set_defaults(run=generate)
     return parser
 

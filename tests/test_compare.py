@@ -404,3 +404,21 @@ def test_client_voice_prompt_with_and_without_the_new_precision(client, svc, tin
     new_call = client.predict(audio=handle_file(str(english_clip)), model=tiny, device="CPU", precision="int8",
                               api_name="/voice_prompt")
     assert len(new_call) == 3 and (tiny, "int8", "CPU") in svc.whisper.loaded_keys()
+
+
+def test_api_client_example_compare_and_precision(client, tiny, english_clip):
+    import json
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+
+    def api_client(*argv: str) -> dict:
+        out = subprocess.run([sys.executable, "examples/api_client.py", "--server", client.src, "--json", *argv],
+                             cwd=root, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    result = api_client("compare", str(english_clip), "--model", tiny, "--language", "en")
+    assert result["fp16"]["seconds"] > 0 and result["int8"]["seconds"] > 0 and "as fast as FP16" in result["summary"]
+    said = api_client("voice-prompt", str(english_clip), "--model", tiny, "--precision", "int8")
+    assert set(said) == {"prompt", "language", "said"}

@@ -519,10 +519,11 @@ def test_api_client_example_transcribes_and_nothing_loads_before_a_request(tmp_p
 def test_api_client_example_knows_every_endpoint():
     out = subprocess.run([sys.executable, "examples/api_client.py", "--help"], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
-    for command in ("transcribe", "subtitles", "voice-prompt", "extract-pose", "generate"):
+    for command in ("transcribe", "compare", "subtitles", "voice-prompt", "extract-pose", "generate"):
         assert command in out
     source = (ROOT / "examples" / "api_client.py").read_text()
-    for endpoint in ("/transcribe", "/subtitles", "/voice_prompt", "/extract_pose", "/generate_image"):
+    for endpoint in ("/transcribe", "/transcribe_compare", "/subtitles", "/voice_prompt", "/extract_pose",
+                     "/generate_image"):
         assert f'api_name="{endpoint}"' in source
 
 
