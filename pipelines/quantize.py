@@ -1,19 +1,18 @@
-"""INT8 with NNCF: calibration audio, and post-training quantization of Whisper IR.
+"""INT8 with NNCF: calibration audio, post-training quantization of Whisper IR, and SD1.5 INT8 (below).
 
-Whisper INT8 is a hybrid chosen by measurement on this CPU (see README, "INT8"):
-- the **encoder** gets full post-training quantization (weights and activations, SmoothQuant),
-  calibrated on the encoder inputs seen while transcribing real speech;
-- the **decoder** gets INT8 weight-only compression. NNCF's statistics collection fails on the
-  stateful decoder with this OpenVINO CPU plugin ("Memory descriptor may not be modified in
-  StaticMemory object" in ReadValueWithSubgraph), and the decoder is memory-bound, so its INT8
-  weights already give the speed-up.
-Both run through optimum-intel's ``OVQuantizer``: it wraps the infer requests, runs generation
-on the calibration audio and collects each component's real inputs, as the Whisper notebooks do.
+Whisper INT8 as the app makes it is *not* here: the model store compresses only the decoder's
+weights (``WhisperModelStore._int8_from``). The calibrated hybrid below (PTQ encoder with SmoothQuant
++ INT8-weight decoder, through optimum-intel's ``OVQuantizer``) was the INT8 until measurements showed
+its encoder costs 1-5 WER points on real speech ("bicycle" -> "MySQL") and is no faster than the
+FP16 encoder (bf16 on AMX) on this CPU (benchmarks/README.md, "Whisper"). It stays as the way to
+make that variant again for a comparison on another CPU (without AMX, INT8 activations may pay):
+``quantize_whisper(fp16_dir, out_dir, calibration_audio()[0])``.
 
 Calibration audio must exist offline: the user's own folder of recordings
 (``VOICE_STUDIO_CALIBRATION_AUDIO``), else clips spoken by espeak-ng from sentences shipped with
-the app in several languages. With neither, the model store falls back to weight-only INT8 and
-records that in the cached folder.
+the app in several languages. NNCF's statistics collection fails on the stateful decoder with this
+OpenVINO CPU plugin ("Memory descriptor may not be modified in StaticMemory object" in
+ReadValueWithSubgraph), so the hybrid's decoder is weight-only.
 """
 from __future__ import annotations
 
