@@ -30,6 +30,7 @@ from pytubefix import exceptions as px
 
 from conftest import espeak
 from pipelines import vad
+from pipelines import video as video_module
 from pipelines.audio import load_audio
 from pipelines.subtitle_job import SubtitleRequest, make_subtitles
 from pipelines.types import ModelChoice, TranscribeOptions
@@ -589,3 +590,38 @@ def test_long_video_is_transcribed_in_windows_with_cues_at_each_clip(services, l
         assert keyword in words(heard).split() and wer(sentence, heard) < MAX_WER, heard
     for cue in result.cues:
         assert any(start - EDGE <= cue.start and cue.end <= end + EDGE for start, end, _, _ in spans), cue
+
+
+# --------------------------------------------------------------------------- FP16 vs INT8
+
+
+@pytest.fixture(scope="module")
+def int8_ready_services(tmp_path_factory, english_clip):
+    """Services with a models folder of their own whose Whisper INT8 is calibrated on one clip (seconds)."""
+    from pipelines.services import Services, Settings
+
+    calibration = tmp_path_factory.mktemp("calibration")
+    shutil.copy(english_clip, calibration / "clip.wav")
+    services = Services(Settings(models_dir=tmp_path_factory.mktemp("compare-models")))
+    services.whisper.store.calibration_dir = calibration
+    return services
+
+
+def test_youtube_compare_downloads_and_extracts_once_for_both_precisions(int8_ready_services, tiny_whisper_ir, media,
+                                                                         monkeypatch):
+    """A silent video: both models load and run voice activity detection; nothing is decoded."""
+    from ui.subtitles_tab import make_subtitles_compare_handler
+
+    extracted: list[Path] = []
+    real_extract = video_module.extract_audio
+    monkeypatch.setattr(video_module, "extract_audio", lambda *a, **k: extracted.append(a[0]) or real_extract(*a, **k))
+    factory = FileFactory(audio=media["quiet_video"], video=media["quiet_video"], length=4)
+    tiny = str(tiny_whisper_ir)
+    fp16, fp16_seconds, int8, int8_seconds, summary, files = make_subtitles_compare_handler(
+        int8_ready_services, yt_factory=factory)(CANON, None, tiny, "CPU", "transcribe", "auto", 42, 6, **QUIET)
+    assert sorted(p.name for p in factory.downloads()) == [f"{VID}-audio.m4a", f"{VID}-preview-360p.mp4"]
+    assert len(extracted) == 1
+    assert fp16 == int8 == "" and fp16_seconds >= 0 and int8_seconds >= 0 and "INT8" in summary
+    assert [Path(f).name.replace("_", " ") for f in files] == [
+        "A test video.fp16.srt", "A test video.fp16.vtt", "A test video.int8.srt", "A test video.int8.vtt"]
+    assert {(tiny, "fp16", "CPU"), (tiny, "int8", "CPU")} <= set(int8_ready_services.whisper.loaded_keys())
