@@ -129,6 +129,11 @@ def parse_args(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[s
     models.add_argument("--model", default=env(f"{ENV_PREFIX}MODEL", None),
                         help="default Whisper model: a listed id, a Hugging Face id or a local folder "
                              "(env VOICE_STUDIO_MODEL; default: the bundled multilingual whisper-base)")
+    models.add_argument("--whisper-int8", choices=("decoder-weights", "calibrated"),
+                        default=env(f"{ENV_PREFIX}WHISPER_INT8") or "decoder-weights",
+                        help="how INT8 Whisper is made: decoder-weights (INT8 decoder weights, FP16 encoder: the "
+                             "fastest and most accurate on AVX-512/AMX CPUs) or calibrated (NNCF post-training "
+                             "quantization of the encoder, calibrated on speech) (env VOICE_STUDIO_WHISPER_INT8)")
     models.add_argument("--max-loaded-models", type=_positive(int),
                         default=env(f"{ENV_PREFIX}MAX_LOADED_MODELS") or "2",
                         help="Whisper models kept loaded at once (env VOICE_STUDIO_MAX_LOADED_MODELS; default 2)")
@@ -157,6 +162,7 @@ def make_services(args: argparse.Namespace):
         default_device=args.device or default_device(),
         max_loaded_whisper=args.max_loaded_models,
         max_audio_seconds=args.max_audio_minutes * 60.0,
+        whisper_int8=args.whisper_int8,
         shared=shared,
         allow_local_models=args.allow_local_models or not shared,
         queue_size=args.queue_size,

@@ -32,6 +32,11 @@ WHISPER_IR_FILES = ("openvino_encoder_model.xml", "openvino_decoder_model.xml")
 TOKENIZER_IR_FILES = ("openvino_tokenizer.xml", "openvino_detokenizer.xml")
 INT8_METHOD = "INT8 weight-only decoder (nncf.compress_weights INT8_ASYM), FP16 encoder"
 INT8_FORMAT = "w8dec"  # part of the INT8 folder name: a new method never reuses an old folder
+#: How INT8 Whisper is made (``VOICE_STUDIO_WHISPER_INT8``): ``decoder-weights`` (default, chosen by
+#: measurement on this CPU) or ``calibrated`` (NNCF post-training quantization of the encoder,
+#: calibrated on speech, beside the INT8-weight decoder; for CPUs where INT8 activations pay).
+ENV_INT8_METHOD = "VOICE_STUDIO_WHISPER_INT8"
+INT8_METHODS = ("decoder-weights", "calibrated")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -70,11 +75,15 @@ def _is_hf_whisper(folder: Path) -> bool:
 class WhisperModelStore:
     """Resolves Whisper references to cached OpenVINO IR, converting on first use."""
 
-    def __init__(self, root: Path | str | None = None, calibration_dir: Optional[Path] = None):
+    def __init__(self, root: Path | str | None = None, calibration_dir: Optional[Path] = None,
+                 int8_method: Optional[str] = None):
         self.root = Path(root) if root is not None else default_models_dir()
-        # Recordings for calibrated INT8. The current INT8 (weight-only decoder, see _int8_from) needs
-        # none; kept so callers that pass a folder keep working.
+        # Recordings for the calibrated INT8 (else VOICE_STUDIO_CALIBRATION_AUDIO, else espeak-ng clips).
         self.calibration_dir = calibration_dir
+        self.int8_method = (int8_method or os.environ.get(ENV_INT8_METHOD) or INT8_METHODS[0]).strip().lower()
+        if self.int8_method not in INT8_METHODS:
+            raise ValueError(f"Unknown Whisper INT8 method '{self.int8_method}' ({ENV_INT8_METHOD}); "
+                             f"choose one of {', '.join(INT8_METHODS)}.")
         self.cache = AtomicFolderCache(self.root)
 
     # -- public -----------------------------------------------------------------------------
@@ -222,11 +231,30 @@ class WhisperModelStore:
         benchmark speech ("countryside" -> "country side", "journeys" -> "journey",
         "bicycle" -> "MySQL"), and weight-only INT8 there made it slower (0.48 s vs 0.40 s).
         No calibration audio is needed. The marker file records the method.
+
+        With ``int8_method="calibrated"`` the encoder gets NNCF post-training quantization calibrated
+        on speech (:func:`pipelines.quantize.quantize_whisper`) and the decoder INT8 weights; when no
+        calibration audio can be had it falls back to the weight-only decoder and the marker says why.
         """
+        from . import quantize
+
         key = base.path.name if base.source != "local-ir" else folder_fingerprint(base.path)
-        target = self.root / "whisper" / slug(base.reference) / "int8" / f"{key}-{versions_key()}-{INT8_FORMAT}"
+        kind = INT8_FORMAT if self.int8_method == "decoder-weights" else "ptq"
+        target = self.root / "whisper" / slug(base.reference) / "int8" / f"{key}-{versions_key()}-{kind}"
 
         def build(tmp: Path) -> dict:
+            if self.int8_method == "calibrated":
+                try:
+                    progress(0.4, "make calibration audio")
+                    clips, origin = quantize.calibration_audio(self.calibration_dir)
+                except quantize.CalibrationUnavailable as exc:
+                    log.warning("calibrated INT8 for %s: %s; compressing the decoder's weights only",
+                                base.reference, exc)
+                    return {**self._compress_decoder(base.path, tmp), "why_not_calibrated": str(exc)}
+                progress(0.5, f"quantize to INT8 with {len(clips)} calibration clips")
+                facts = quantize.quantize_whisper(base.path, tmp, clips)
+                return {"precision": "int8", "method": "calibrated: PTQ encoder + INT8-weight decoder",
+                        "calibration": origin, **facts, "from": str(base.path)}
             progress(0.5, "compress the decoder's weights to INT8")
             return self._compress_decoder(base.path, tmp)
 

@@ -1,12 +1,11 @@
 """INT8 with NNCF: calibration audio, post-training quantization of Whisper IR, and SD1.5 INT8 (below).
 
-Whisper INT8 as the app makes it is *not* here: the model store compresses only the decoder's
-weights (``WhisperModelStore._int8_from``). The calibrated hybrid below (PTQ encoder with SmoothQuant
-+ INT8-weight decoder, through optimum-intel's ``OVQuantizer``) was the INT8 until measurements showed
-its encoder costs 1-5 WER points on real speech ("bicycle" -> "MySQL") and is no faster than the
-FP16 encoder (bf16 on AMX) on this CPU (benchmarks/README.md, "Whisper"). It stays as the way to
-make that variant again for a comparison on another CPU (without AMX, INT8 activations may pay):
-``quantize_whisper(fp16_dir, out_dir, calibration_audio()[0])``.
+Whisper INT8 by default compresses only the decoder's weights (``WhisperModelStore._int8_from``).
+The calibrated hybrid below (PTQ encoder with SmoothQuant + INT8-weight decoder, through
+optimum-intel's ``OVQuantizer``) is the ``VOICE_STUDIO_WHISPER_INT8=calibrated`` choice: on this CPU
+its encoder was no faster than the FP16 encoder (bf16 on AMX), and at SmoothQuant 0.8 it cost 1-5 WER
+points ("bicycle" -> "MySQL"); at 0.5 it kept the words (27 errors over four voices against FP16's
+25; benchmarks/README.md, "Whisper"), so 0.5 is used. On a CPU without AMX, INT8 activations may pay.
 
 Calibration audio must exist offline: the user's own folder of recordings
 (``VOICE_STUDIO_CALIBRATION_AUDIO``), else clips spoken by espeak-ng from sentences shipped with
@@ -36,7 +35,7 @@ log = logging.getLogger(__name__)
 ENV_CALIBRATION_AUDIO = "VOICE_STUDIO_CALIBRATION_AUDIO"
 SENTENCES = Path(__file__).parent / "data" / "calibration_sentences.json"
 AUDIO_SUFFIXES = {".wav", ".mp3", ".flac", ".ogg", ".m4a", ".opus", ".webm", ".mp4"}
-ENCODER_SMOOTH_QUANT_ALPHA = 0.8
+ENCODER_SMOOTH_QUANT_ALPHA = 0.5
 CALIBRATION_MAX_NEW_TOKENS = 64
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from .asr import WhisperService
 from .image import ImageService
@@ -28,6 +29,7 @@ class Settings:
     default_device: str = "CPU"
     max_loaded_whisper: int = 2
     max_audio_seconds: float = 3 * 3600.0
+    whisper_int8: Optional[str] = None  # how INT8 Whisper is made (model_store.INT8_METHODS; None: env/default)
     sd_model: str = DEFAULT_SD_MODEL
     controlnet_model: str = DEFAULT_CONTROLNET
     pose_model: str = DEFAULT_POSE_MODEL
@@ -57,7 +59,8 @@ class Services:
 
     def __post_init__(self) -> None:
         root = Path(self.settings.models_dir)
-        self.whisper = WhisperService(WhisperModelStore(root), max_loaded=self.settings.max_loaded_whisper)
+        store = WhisperModelStore(root, int8_method=self.settings.whisper_int8)
+        self.whisper = WhisperService(store, max_loaded=self.settings.max_loaded_whisper)
         self.image = ImageService(root, sd_model=self.settings.sd_model,
                                   controlnet_model=self.settings.controlnet_model,
                                   device=self.settings.default_device)

@@ -63,6 +63,45 @@ def test_int8_needs_no_calibration_audio(tmp_path, tiny_whisper_ir, monkeypatch)
     assert quantize.count_int8(resolved.path / "openvino_decoder_model.xml")["int8_constants"] >= 8
 
 
+def test_calibrated_int8_quantizes_the_encoder_on_speech(tmp_path, tiny_whisper_ir, english_clip):
+    """VOICE_STUDIO_WHISPER_INT8=calibrated: NNCF PTQ of the encoder, calibrated on the given recordings."""
+    import shutil as sh
+
+    from pipelines import quantize
+    from pipelines.cache import AtomicFolderCache
+
+    recordings = tmp_path / "recordings"
+    recordings.mkdir()
+    sh.copy(english_clip, recordings / "clip.wav")
+    store = WhisperModelStore(tmp_path / "models", calibration_dir=recordings, int8_method="calibrated")
+    resolved = store.resolve(str(tiny_whisper_ir), "int8")
+    assert resolved.path.name.endswith("-ptq")
+    assert quantize.count_int8(resolved.path / "openvino_encoder_model.xml")["fake_quantize"] > 0
+    assert quantize.count_int8(resolved.path / "openvino_decoder_model.xml")["int8_constants"] >= 8
+    marker = AtomicFolderCache(store.root).describe(resolved.path)
+    assert marker["method"].startswith("calibrated") and "1 recordings" in marker["calibration"]
+    # the default method's folder is another one: the two never overwrite each other
+    assert WhisperModelStore(store.root).resolve(str(tiny_whisper_ir), "int8").path != resolved.path
+
+
+def test_calibrated_int8_without_audio_falls_back_and_says_why(tmp_path, tiny_whisper_ir, monkeypatch):
+    from pipelines import quantize
+    from pipelines.cache import AtomicFolderCache
+
+    monkeypatch.delenv(quantize.ENV_CALIBRATION_AUDIO, raising=False)
+    monkeypatch.setattr(quantize.shutil, "which", lambda name: None)  # no espeak-ng, no folder given
+    store = WhisperModelStore(tmp_path, int8_method="calibrated")
+    resolved = store.resolve(str(tiny_whisper_ir), "int8")
+    marker = AtomicFolderCache(store.root).describe(resolved.path)
+    assert marker["method"].startswith("INT8 weight-only decoder") and "espeak-ng" in marker["why_not_calibrated"]
+    assert quantize.count_int8(resolved.path / "openvino_encoder_model.xml")["fake_quantize"] == 0
+
+
+def test_unknown_int8_method_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="decoder-weights, calibrated"):
+        WhisperModelStore(tmp_path, int8_method="int4")
+
+
 def test_offline_hub_model_names_the_model_and_the_way_out(tmp_path):
     store = WhisperModelStore(tmp_path)
     with pytest.raises(ModelUnavailable) as err:
