@@ -31,6 +31,8 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
 CLIP_TEXT = ("The history of the bicycle is a story of small improvements made by many people over a long time. "
              "The first machines had no pedals at all.")
 
@@ -111,8 +113,9 @@ def main() -> None:
         rows = [one_start(label, models_dir, clip, args, tmp) for label in ("cold", "warm")]
         logs = {label: (tmp / f"{label}.log").read_text()[-2000:] for label in ("cold", "warm")}
 
-    title = (f"app.py start-up, {args.model} {args.precision}, CPU, {os.cpu_count()} CPUs, "
-             f"{time.strftime('%Y-%m-%d %H:%M')}")
+    host = machine.describe()
+    title = (f"app.py start-up, {args.model} {args.precision}, CPU, {time.strftime('%Y-%m-%d %H:%M')}, "
+             f"{machine.summary(host)}")
     lines = ["| start | page served s | first transcription s | first text after start s | second transcription s |",
              "|---|---|---|---|---|"]
     for r in rows:
@@ -124,7 +127,7 @@ def main() -> None:
         print(f"{r['start']}: {r['language']!r} {r['text'][:100]!r}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"title": title, "command": " ".join(["python", "benchmarks/app_bench.py"] + sys.argv[1:]),
-                                    "table": table, "results": rows, "logs_tail": logs}, indent=2))
+                                    "machine": host, "table": table, "results": rows, "logs_tail": logs}, indent=2))
     print(f"\nwrote {args.out}")
 
 

@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
+
 SYSTEMS = ("ov-fp16", "ov-int8", "torch-fp32", "torch-bf16")
 PROMPT = "a dancer on a beach at sunset, detailed, best quality"
 NEGATIVE = "lowres, bad anatomy, worst quality"
@@ -356,7 +358,8 @@ def report(rows: list[dict], args, ab: dict | None = None) -> str:
     fp16, fp32 = by.get("ov-fp16"), by.get("torch-fp32")
     lines = [
         f"SD1.5 + ControlNet OpenPose, full architecture, random weights, {args.size}x{args.size}, "
-        f"{args.steps} UniPC steps, CFG 7.5 (batch 2), {args.threads} threads, {time.strftime('%Y-%m-%d')}",
+        f"{args.steps} UniPC steps, CFG 7.5 (batch 2), {args.threads} threads, {time.strftime('%Y-%m-%d')}, "
+        f"{machine.summary(machine.describe())}",
         "",
         "| system | s / step | s / image | first image s | convert / quantize s | model MB on disk | peak MB generating | peak MB converting | step vs torch fp32 | step vs OV FP16 |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -449,7 +452,7 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d %H:%M"), "size": args.size, "steps": args.steps, "threads": args.threads,
         "subset_size": args.subset_size, "calibration_steps": args.calibration_steps,
-        "total_wall_s": time.perf_counter() - started, "results": rows, "interleaved": ab, "table": table,
+        "total_wall_s": time.perf_counter() - started, "machine": machine.describe(), "results": rows, "interleaved": ab, "table": table,
     }, indent=2, default=str))
     print(f"\nwrote {args.out}")
 

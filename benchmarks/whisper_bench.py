@@ -32,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
+
 PARAGRAPH = (ROOT / "tests" / "data" / "speech_clips.json")
 SYSTEMS = ("openvino-fp16", "openvino-int8", "faster-whisper-int8", "faster-whisper-fp32", "transformers-fp32")
 
@@ -175,13 +177,14 @@ def main() -> None:
                 result["audio"] = audio.name
                 rows.append(result)
     table = format_table(rows)
+    host = machine.describe()
     title = (f"Whisper {args.model}, greedy, {args.threads} threads, {time.strftime('%Y-%m-%d %H:%M')}, "
-             f"{os.cpu_count()} CPUs")
+             f"{machine.summary(host)}")
     print(f"\n{title}\n{table}")
     out = args.out or ROOT / "benchmarks" / "results" / f"whisper-{args.model.split('/')[-1]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"title": title, "model": args.model, "threads": args.threads,
-                               "command": " ".join(["python", "benchmarks/whisper_bench.py"] + sys.argv[1:]),
+                               "command": " ".join(["python", "benchmarks/whisper_bench.py"] + sys.argv[1:]), "machine": host,
                                "table": table, "results": rows}, indent=2))
     print(f"\nwrote {out}")
 

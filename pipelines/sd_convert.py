@@ -504,6 +504,18 @@ def convert_body_pose(pth: Path, out: Path, ref: str = "", progress: ProgressFn 
 # --------------------------------------------------------------------------------------------
 
 
+def _convert_once(cache_root: Path, cache: Optional[AtomicFolderCache], folder_kind: str, kind: str,
+                  resolved: ResolvedModel, ref: str, convert, progress: ProgressFn) -> Path:
+    """The cached IR folder of ``resolved`` made by ``convert(source, tmp, ref=, progress=)``, built once
+    (atomically, in a temporary folder renamed into place) with a marker describing it."""
+    cache = cache or AtomicFolderCache(Path(cache_root))
+    return cache.get_or_build(
+        _cache_folder(cache_root, folder_kind, resolved),
+        lambda tmp: convert(resolved.path, tmp, ref=ref, progress=progress),
+        description={"model": ref, "revision": resolved.revision, "precision": PRECISION, "kind": kind},
+    )
+
+
 def ensure_sd15(
     cache_root: Path,
     ref: str = DEFAULT_SD_MODEL,
@@ -519,13 +531,7 @@ def ensure_sd15(
         revision=revision, local_files_only=local_files_only,
     )
     _check_sd_folder(resolved.path, ref)
-    cache = cache or AtomicFolderCache(Path(cache_root))
-    folder = _cache_folder(cache_root, "sd15", resolved)
-    return cache.get_or_build(
-        folder,
-        lambda tmp: convert_sd15(resolved.path, tmp, ref=ref, progress=progress),
-        description={"model": ref, "revision": resolved.revision, "precision": PRECISION, "kind": "sd15"},
-    )
+    return _convert_once(cache_root, cache, "sd15", "sd15", resolved, ref, convert_sd15, progress)
 
 
 def ensure_controlnet(
@@ -544,13 +550,7 @@ def ensure_controlnet(
     )
     if not (resolved.path / "config.json").is_file():
         raise _unavailable(ref, "ControlNet", f"Its folder {resolved.path} has no config.json. {_controlnet_how(ref)}")
-    cache = cache or AtomicFolderCache(Path(cache_root))
-    folder = _cache_folder(cache_root, "controlnet", resolved)
-    return cache.get_or_build(
-        folder,
-        lambda tmp: convert_controlnet(resolved.path, tmp, ref=ref, progress=progress),
-        description={"model": ref, "revision": resolved.revision, "precision": PRECISION, "kind": "controlnet"},
-    )
+    return _convert_once(cache_root, cache, "controlnet", "controlnet", resolved, ref, convert_controlnet, progress)
 
 
 def ensure_body_pose(
@@ -564,13 +564,7 @@ def ensure_body_pose(
 ) -> Path:
     """Return the IR folder for the OpenPose body network (``body_pose_model.pth``), converting once."""
     resolved = resolve_pose_file(ref, revision=revision, local_files_only=local_files_only)
-    cache = cache or AtomicFolderCache(Path(cache_root))
-    folder = _cache_folder(cache_root, "openpose", resolved)
-    return cache.get_or_build(
-        folder,
-        lambda tmp: convert_body_pose(resolved.path, tmp, ref=ref, progress=progress),
-        description={"model": ref, "revision": resolved.revision, "precision": PRECISION, "kind": "openpose-body"},
-    )
+    return _convert_once(cache_root, cache, "openpose", "openpose-body", resolved, ref, convert_body_pose, progress)
 
 
 def int8_folder(cache_root: Path, sd_folder: Path, controlnet_folder: Path, calibration_key: str) -> Path:
