@@ -258,8 +258,14 @@ def build_app(services, preload: Optional[Preload] = None):
     from ui.image_tab import build_image_tab
     from ui.subtitles_tab import build_subtitles_tab
 
+    from ui.common import keep_outputs_hours
+
     settings = services.settings
-    with gr.Blocks(title="Voice Studio", analytics_enabled=False) as demo:
+    # Gradio keeps its own copy of every upload and every file it served; on a long-running shared
+    # server those go after the same lifetime as the app's output folders (checked hourly).
+    keep_seconds = int(keep_outputs_hours() * 3600)
+    with gr.Blocks(title="Voice Studio", analytics_enabled=False,
+                   delete_cache=(min(3600, keep_seconds), keep_seconds)) as demo:
         gr.Markdown("# Voice Studio\nWhisper and Stable Diffusion on OpenVINO, fast on an ordinary CPU.")
         with gr.Tabs():
             with gr.Tab("Speech to text", id="speech"):

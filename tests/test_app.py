@@ -42,6 +42,14 @@ def test_blocks_build_without_loading_a_model(demo, services):
     assert "transcribe" in names
 
 
+def test_gradio_cache_of_uploads_and_served_files_is_swept_like_the_outputs(demo, services, monkeypatch):
+    from app import build_app
+
+    assert demo.delete_cache == (3600, 24 * 3600)  # VOICE_STUDIO_KEEP_OUTPUTS_HOURS default: 24 h
+    monkeypatch.setenv("VOICE_STUDIO_KEEP_OUTPUTS_HOURS", "0.25")
+    assert build_app(services).delete_cache == (900, 900)
+
+
 def test_handler_returns_text_language_segments_and_valid_files(services, tiny_whisper_hf, english_clip):
     from ui.speech_tab import make_transcribe_handler
 
