@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pysubs2
 import pytest
+from servers import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,18 +93,10 @@ def test_translate_on_english_only_model_is_a_clear_error(services, english_clip
                                           "translate", "auto", True, progress=lambda *a, **k: None)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(demo):
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with serving(demo) as url:
+        yield url
 
 
 def test_gradio_client_transcribe_endpoint(server, tiny_whisper_hf, english_clip):

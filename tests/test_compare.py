@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,6 +23,7 @@ import gradio as gr
 import pytest
 
 from pipelines.services import Services, Settings
+from servers import launched
 
 QUIET = dict(progress=lambda *a, **k: None)
 
@@ -319,23 +319,12 @@ def test_a_transcription_clears_output_folders_past_their_life(svc, tiny, englis
 
 
 # --------------------------------------------------------------------------- a launched server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def client(svc):
     from gradio_client import Client
 
-    from app import build_app
-
-    demo = build_app(svc)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
-    demo.close()
+    with launched(svc) as url:
+        yield Client(url, verbose=False)
 
 
 def test_the_api_names_the_switch_and_the_compare_endpoints(client):

@@ -8,7 +8,6 @@ once per session and shared with the other real-speech tests.
 """
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import image_fixtures as fx
 from conftest import normalised_words, word_error_rate, write_wav
 from pipelines.image import read_png_metadata
 from pipelines.services import Services, Settings
+from servers import launched
 
 PROMPT = "a dancer on a beach at sunset"
 QUIET = dict(progress=lambda *a, **k: None)
@@ -314,21 +314,10 @@ def test_release_unloads_every_model(image_services, generate, skeleton):
 # --------------------------------------------------------------------------- launched server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(image_services):
-    from app import build_app
-
-    demo = build_app(image_services)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with launched(image_services) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -538,13 +527,8 @@ def test_shared_server_checks_the_voice_prompt_and_image_models(models_dir, engl
 def int8_client(int8_services):
     from gradio_client import Client
 
-    from app import build_app
-
-    demo = build_app(int8_services)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
-    demo.close()
+    with launched(int8_services) as url:
+        yield Client(url, verbose=False)
 
 
 def test_gradio_client_image_precision_and_compare(int8_client, skeleton_png):

@@ -9,6 +9,7 @@ from pipelines.asr import DecodeGuards, WhisperService, longest_repeat_run
 from pipelines.audio import load_audio
 from pipelines.types import ModelChoice, TranscribeOptions
 from pipelines.whisper_models import DEFAULT_MODEL
+from servers import launched
 
 pytestmark = pytest.mark.slow
 BASE = ModelChoice(model=DEFAULT_MODEL)
@@ -131,24 +132,13 @@ def test_bundled_default_is_cached_and_reused(services, monkeypatch):
 
 def test_default_model_through_a_launched_server(speech_clips, services):
     """gradio_client -> /transcribe with the app's default model (model argument left out)."""
-    import socket
-
     from gradio_client import Client, handle_file
 
-    from app import build_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo = build_app(services)
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    with launched(services) as url:
+        client = Client(url, verbose=False)
         clip = speech_clips["spanish"]
         text, language, segments, files = client.predict(audio=handle_file(str(clip["path"])), media_file=None,
                                                          api_name="/transcribe")
         assert language == "es"
         assert word_error_rate(clip["text"], text) < 0.3, text
         assert segments["data"] and len(files) == 4
-    finally:
-        demo.close()

@@ -35,6 +35,7 @@ from pipelines.audio import load_audio
 from pipelines.subtitle_job import SubtitleRequest, make_subtitles
 from pipelines.types import ModelChoice, TranscribeOptions
 from pipelines.video import ffmpeg_exe, probe
+from servers import launched
 from test_youtube import CANON, VID, Factory, FakeStream, FakeYouTube
 
 SENTENCE = "Hello world. This is a short test of the speech recognition system."  # english_clip's words
@@ -477,21 +478,10 @@ def test_info_handler_errors_are_gradio_errors(error, fragment):
 # --------------------------------------------------------------------------- a launched server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(services):
-    from app import build_app
-
-    demo = build_app(services)
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with launched(services) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
