@@ -5,7 +5,8 @@ The calibrated hybrid below (PTQ encoder with SmoothQuant + INT8-weight decoder,
 optimum-intel's ``OVQuantizer``) is the ``VOICE_STUDIO_WHISPER_INT8=calibrated`` choice: on this CPU
 its encoder was no faster than the FP16 encoder (bf16 on AMX), and at SmoothQuant 0.8 it cost 1-5 WER
 points ("bicycle" -> "MySQL"); at 0.5 it kept the words (27 errors over four voices against FP16's
-25; benchmarks/README.md, "Whisper"), so 0.5 is used. On a CPU without AMX, INT8 activations may pay.
+25; benchmarks/README.md, "Whisper"), so 0.5 is used. On an AVX2-only CPU (no VNNI) the PTQ encoder
+was slower than FP16 (0.96 vs 0.85 s per 30 s window), so the default stays weight-only there too.
 
 Calibration audio must exist offline: the user's own folder of recordings
 (``VOICE_STUDIO_CALIBRATION_AUDIO``), else clips spoken by espeak-ng from sentences shipped with
