@@ -256,9 +256,8 @@ def build_app(services, preload: Optional[Preload] = None):
 
     from ui.speech_tab import build_speech_tab
     from ui.image_tab import build_image_tab
-    from ui.subtitles_tab import build_subtitles_tab
-
     from ui.common import keep_outputs_hours
+    from ui.subtitles_tab import build_subtitles_tab
 
     settings = services.settings
     # Gradio keeps its own copy of every upload and every file it served; on a long-running shared

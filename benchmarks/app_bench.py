@@ -30,9 +30,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import machine  # benchmarks/machine.py, beside this script
 
-import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
+ROOT = Path(__file__).resolve().parent.parent
 CLIP_TEXT = ("The history of the bicycle is a story of small improvements made by many people over a long time. "
              "The first machines had no pedals at all.")
 

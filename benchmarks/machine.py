@@ -32,7 +32,7 @@ def describe() -> dict:
         core = ov.Core()
         info["openvino"] = ov.__version__
         info["openvino_cpu_capabilities"] = list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-        info["openvino_cpu_precision"] = str(core.get_property("CPU", "INFERENCE_PRECISION_HINT"))
+        info["openvino_cpu_precision"] = core.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
     except Exception as exc:  # the description must never stop a benchmark
         info["openvino_error"] = str(exc)
     return info
@@ -43,8 +43,8 @@ def summary(info: dict) -> str:
     isa = info.get("isa", [])
     parts = ["AMX" if "amx_bf16" in isa else None, "AVX-512" if "avx512f" in isa else None]
     simd = ", ".join(p for p in parts if p) or ("AVX2 (no AVX-512, no AMX)" if "avx2" in isa else "no AVX2")
-    precision = info.get("openvino_cpu_precision", "?").replace("<Type: '", "").replace("'>", "")
-    return f"{info.get('cpu', '?')}, {info.get('cpus')} CPUs, {simd}, OpenVINO CPU runs FP16 IR as {precision}"
+    return (f"{info.get('cpu', '?')}, {info.get('cpus')} CPUs, {simd}, "
+            f"OpenVINO CPU runs FP16 IR as {info.get('openvino_cpu_precision', '?')}")
 
 
 if __name__ == "__main__":

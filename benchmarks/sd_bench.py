@@ -353,13 +353,13 @@ def _fmt(value, digits=2, suffix=""):
     return "" if value is None else f"{value:.{digits}f}{suffix}"
 
 
-def report(rows: list[dict], args, ab: dict | None = None) -> str:
+def report(rows: list[dict], args, ab: dict | None = None, host: dict | None = None) -> str:
     by = {r["system"]: r for r in rows if "error" not in r}
     fp16, fp32 = by.get("ov-fp16"), by.get("torch-fp32")
     lines = [
         f"SD1.5 + ControlNet OpenPose, full architecture, random weights, {args.size}x{args.size}, "
         f"{args.steps} UniPC steps, CFG 7.5 (batch 2), {args.threads} threads, {time.strftime('%Y-%m-%d')}, "
-        f"{machine.summary(machine.describe())}",
+        f"{machine.summary(host or machine.describe())}",
         "",
         "| system | s / step | s / image | first image s | convert / quantize s | model MB on disk | peak MB generating | peak MB converting | step vs torch fp32 | step vs OV FP16 |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -446,13 +446,14 @@ def main() -> None:
         done = {r["system"] for r in rows if "error" not in r}
         if ab is None and args.ab_rounds and {"ov-fp16", "ov-int8"} <= done:
             ab = run_child("ov-fp16-vs-int8", models, args)
-    table = report(rows, args, ab)
+    host = machine.describe()
+    table = report(rows, args, ab, host)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d %H:%M"), "size": args.size, "steps": args.steps, "threads": args.threads,
         "subset_size": args.subset_size, "calibration_steps": args.calibration_steps,
-        "total_wall_s": time.perf_counter() - started, "machine": machine.describe(), "results": rows, "interleaved": ab, "table": table,
+        "total_wall_s": time.perf_counter() - started, "machine": host, "results": rows, "interleaved": ab, "table": table,
     }, indent=2, default=str))
     print(f"\nwrote {args.out}")
 
