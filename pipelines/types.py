@@ -1,7 +1,7 @@
 """Small frozen values that travel between ui/, pipelines/, tests and API clients."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
 Precision = Literal["fp16", "int8"]

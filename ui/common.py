@@ -59,6 +59,24 @@ def task_radio() -> gr.Radio:
                     value="transcribe", label="Task")
 
 
+def whisper_pickers(settings, precision_label: str = "Precision") -> tuple[gr.Dropdown, gr.Radio, gr.Dropdown]:
+    """One row of the Whisper model, precision and device pickers, as every Whisper action takes them."""
+    with gr.Row():
+        return (whisper_model_dropdown(settings.default_model, settings.allow_local_models),
+                precision_radio(precision_label), device_dropdown(settings.default_device))
+
+
+def compare_columns(result: Callable[[str], gr.Component], time_label: str = "seconds") -> list[gr.Component]:
+    """The compare panel's two columns, FP16 then INT8: each a result made by ``result(name)`` over its
+    time. Returns [FP16 result, FP16 time, INT8 result, INT8 time], the compare endpoints' first outputs."""
+    outputs = []
+    with gr.Row():
+        for name in ("FP16", "INT8"):
+            with gr.Column():
+                outputs += [result(name), gr.Number(label=f"{name} {time_label}", interactive=False)]
+    return outputs
+
+
 # --------------------------------------------------------------------------- request values
 def check_precision(precision: Optional[str]) -> str:
     """'fp16' or 'int8' (any case; empty means fp16); anything else is a ValueError that says what to give."""

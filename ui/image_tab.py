@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 import random
 import threading
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
@@ -23,9 +24,9 @@ from pipelines.services import Services
 from pipelines.types import TranscribeOptions
 from pipelines.whisper_models import translation_refusal
 
-from .common import (announce_whisper_load, check_precision, compare_precisions, device_dropdown,
-                     int8_first_use_note, precision_radio, progress_fn, request_dir, speed_summary,
-                     whisper_model_dropdown, whisper_request)
+from .common import (announce_whisper_load, check_precision, compare_columns, compare_precisions,
+                     int8_first_use_note, precision_radio, progress_fn, request_dir, speed_summary, whisper_pickers,
+                     whisper_request)
 
 USER_ERRORS = (AudioError, ModelUnavailable, sd_convert.ModelUnavailable, TranscriptionRefused, NoPersonFound,
                ValueError)
@@ -179,6 +180,22 @@ def _image_models(services: Services, sd_model: str, controlnet_model: str) -> d
                 controlnet_ref=settings.check_model(controlnet_model or "", kind="ControlNet model") or None)
 
 
+@contextmanager
+def _generation(cancels: CancelRegistry, request: Optional[gr.Request]) -> Iterator[threading.Event]:
+    """This session's cancellable generation: yields its cancel event; cancellation and bad input
+    become a ``gr.Error`` that says so, and the session's slot is freed however it ends."""
+    session = getattr(request, "session_hash", None) or "api"
+    cancel = cancels.start(session)
+    try:
+        yield cancel
+    except image_pipeline.GenerationCancelled as exc:
+        raise gr.Error("Generation was cancelled.", title="Cancelled") from exc
+    except USER_ERRORS as exc:
+        raise gr.Error(str(exc)) from exc
+    finally:
+        cancels.finish(session, cancel)
+
+
 def _announce_image_load(services: Services, refs: dict, device: str, precision: str, report) -> None:
     """Say that the first INT8 use quantizes the image models (minutes), unless they are loaded already."""
     key = (refs["sd_ref"] or services.image.sd_model, refs["controlnet_ref"] or services.image.controlnet_model,
@@ -221,10 +238,8 @@ def make_generate_handler(services: Services, cancels: CancelRegistry):
         """
         options = _image_options(prompt, negative_prompt, steps, guidance_scale, seed, controlnet_scale, num_images,
                                  width, height, scheduler)
-        session = getattr(request, "session_hash", None) or "api"
-        cancel = cancels.start(session)
         report = progress_fn(progress)
-        try:
+        with _generation(cancels, request) as cancel:
             precision = check_precision(precision)
             refs = _image_models(services, sd_model, controlnet_model)
             dev = validate_device(device or services.settings.default_device)
@@ -233,12 +248,6 @@ def make_generate_handler(services: Services, cancels: CancelRegistry):
                 options, pose, **refs, device=dev,
                 progress=lambda done, total: report(done / max(total, 1), f"denoising step {done} of {total}"),
                 cancel=cancel, load_progress=report, precision=precision)
-        except image_pipeline.GenerationCancelled as exc:
-            raise gr.Error("Generation was cancelled.", title="Cancelled") from exc
-        except USER_ERRORS as exc:
-            raise gr.Error(str(exc)) from exc
-        finally:
-            cancels.finish(session, cancel)
         paths = result.save(request_dir("image"))
         per_step = _seconds_per_step(result)
         summary = (f"{len(paths)} image(s), seeds {', '.join(map(str, result.seeds))}, "
@@ -282,10 +291,8 @@ def make_generate_compare_handler(services: Services, cancels: CancelRegistry):
         """
         options = _image_options(prompt, negative_prompt, steps, guidance_scale, seed, controlnet_scale, num_images,
                                  width, height, scheduler)
-        session = getattr(request, "session_hash", None) or "api"
-        cancel = cancels.start(session)
         report = progress_fn(progress)
-        try:
+        with _generation(cancels, request) as cancel:
             refs = _image_models(services, sd_model, controlnet_model)
             dev = validate_device(device or services.settings.default_device)
             pose_image = image_pipeline.check_inputs(options, pose)  # fail fast, before any model is loaded
@@ -302,12 +309,6 @@ def make_generate_compare_handler(services: Services, cancels: CancelRegistry):
                     progress=lambda done, total: part(done / max(total, 1), f"denoising step {done} of {total}"))
 
             runs = compare_precisions(load, run, report)
-        except image_pipeline.GenerationCancelled as exc:
-            raise gr.Error("Generation was cancelled.", title="Cancelled") from exc
-        except USER_ERRORS as exc:
-            raise gr.Error(str(exc)) from exc
-        finally:
-            cancels.finish(session, cancel)
         folder = request_dir("image-compare")
         paths = {r.precision: [str(p) for p in r.value.save(folder, prefix=r.precision)] for r in runs}
         per_step = [_seconds_per_step(r.value) or r.seconds / max(options.steps * options.num_images, 1)
@@ -346,10 +347,7 @@ def build_image_tab(services: Services) -> None:
         with gr.Column():
             gr.Markdown("**1. Prompt**: speak it in any language, or type it.")
             voice = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Spoken prompt")
-            with gr.Row():
-                whisper_model = whisper_model_dropdown(settings.default_model, settings.allow_local_models)
-                whisper_precision = precision_radio("Whisper precision")
-                device = device_dropdown(settings.default_device)
+            whisper_model, whisper_precision, device = whisper_pickers(settings, "Whisper precision")
             voice_button = gr.Button("Prompt from my voice")
             with gr.Row():
                 detected = gr.Textbox(label="Detected language", interactive=False)
@@ -391,28 +389,24 @@ def build_image_tab(services: Services) -> None:
     with gr.Accordion("Compare FP16 and INT8: the same settings and seed through both image models, timed",
                       open=False):
         compare_button = gr.Button("Compare FP16 and INT8", elem_id="image-compare")
-        with gr.Row():
-            with gr.Column():
-                fp16_gallery = gr.Gallery(label="FP16", columns=2, format="png")
-                fp16_per_step = gr.Number(label="FP16 seconds per step", interactive=False)
-            with gr.Column():
-                int8_gallery = gr.Gallery(label="INT8", columns=2, format="png")
-                int8_per_step = gr.Number(label="INT8 seconds per step", interactive=False)
+        compared = compare_columns(lambda name: gr.Gallery(label=name, columns=2, format="png"),
+                                   time_label="seconds per step")
         compare_summary = gr.Textbox(label="Comparison", interactive=False)
     voice_button.click(make_voice_prompt_handler(services), inputs=[voice, whisper_model, device, whisper_precision],
                        outputs=[prompt, detected, original], api_name="voice_prompt", concurrency_id="whisper")
     pose_button.click(make_extract_pose_handler(services), inputs=[photo, device], outputs=[pose],
                       api_name="extract_pose", concurrency_id="pose")
+    # /generate_image and /generate_image_compare take the same settings; only the first takes a precision.
+    image_settings = [prompt, negative, pose, steps, guidance, seed, strength, num_images, width, height, scheduler,
+                      sd_model, controlnet_model, device]
     generate_button.click(
         make_generate_handler(services, cancels),
-        inputs=[prompt, negative, pose, steps, guidance, seed, strength, num_images, width, height, scheduler,
-                sd_model, controlnet_model, device, image_precision],
+        inputs=image_settings + [image_precision],
         outputs=[gallery, summary], api_name="generate_image", concurrency_id="image")
     compare_button.click(
         make_generate_compare_handler(services, cancels),
-        inputs=[prompt, negative, pose, steps, guidance, seed, strength, num_images, width, height, scheduler,
-                sd_model, controlnet_model, device],
-        outputs=[fp16_gallery, fp16_per_step, int8_gallery, int8_per_step, compare_summary],
+        inputs=image_settings,
+        outputs=compared + [compare_summary],
         api_name="generate_image_compare", concurrency_id="image")
     cancel_button.click(make_cancel_handler(cancels), outputs=[summary], api_name="cancel_generation",
                         concurrency_limit=None, queue=False)

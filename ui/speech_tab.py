@@ -15,9 +15,9 @@ from pipelines.services import Services
 from pipelines.subtitles import CueRules, write_outputs
 from pipelines.types import Transcript
 
-from .common import (agreement_text, announce_whisper_load, compare_precisions, device_dropdown, duration_text,
-                     language_dropdown, load_whisper, precision_radio, progress_fn, request_dir, speed_summary,
-                     task_radio, whisper_model_dropdown, whisper_request)
+from .common import (agreement_text, announce_whisper_load, compare_columns, compare_precisions, duration_text,
+                     language_dropdown, load_whisper, progress_fn, request_dir, speed_summary, task_radio,
+                     whisper_pickers, whisper_request)
 
 log = logging.getLogger(__name__)
 SEGMENT_COLUMNS = ["start", "end", "text"]
@@ -147,10 +147,7 @@ def build_speech_tab(services: Services) -> None:
             audio = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Record or upload audio")
             media_file = gr.File(label="…or any audio/video file (its audio track is used)",
                                  file_types=["audio", "video"], type="filepath", elem_id="speech-file")
-            with gr.Row():
-                model = whisper_model_dropdown(settings.default_model, settings.allow_local_models)
-                precision = precision_radio()
-                device = device_dropdown(settings.default_device)
+            model, precision, device = whisper_pickers(settings)
             with gr.Row():
                 task = task_radio()
                 language = language_dropdown()
@@ -163,13 +160,8 @@ def build_speech_tab(services: Services) -> None:
             files = gr.File(label="Downloads (SRT, WebVTT, TXT, JSON)", file_count="multiple")
     with gr.Accordion("Compare FP16 and INT8: the same audio through both models, timed", open=False):
         compare = gr.Button("Compare FP16 and INT8", elem_id="speech-compare")
-        with gr.Row():
-            with gr.Column():
-                fp16_text = gr.Textbox(label="FP16 text", lines=6, elem_id="speech-fp16-text")
-                fp16_seconds = gr.Number(label="FP16 seconds", interactive=False)
-            with gr.Column():
-                int8_text = gr.Textbox(label="INT8 text", lines=6, elem_id="speech-int8-text")
-                int8_seconds = gr.Number(label="INT8 seconds", interactive=False)
+        compared = compare_columns(lambda name: gr.Textbox(label=f"{name} text", lines=6,
+                                                           elem_id=f"speech-{name.lower()}-text"))
         compare_summary = gr.Textbox(label="Comparison", interactive=False, elem_id="speech-compare-summary")
     run.click(
         make_transcribe_handler(services),
@@ -182,7 +174,7 @@ def build_speech_tab(services: Services) -> None:
     compare.click(
         make_transcribe_compare_handler(services),
         inputs=[audio, media_file, model, device, task, language],
-        outputs=[fp16_text, fp16_seconds, int8_text, int8_seconds, compare_summary],
+        outputs=compared + [compare_summary],
         api_name="transcribe_compare",
         concurrency_id="whisper",
         concurrency_limit=settings.concurrency["whisper"],

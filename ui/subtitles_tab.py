@@ -15,9 +15,9 @@ from pipelines.model_store import ModelUnavailable
 from pipelines.services import Services
 from pipelines.subtitles import CueRules, make_cues, write_outputs
 
-from .common import (PrecisionRun, agreement_text, compare_precisions, device_dropdown, language_dropdown,
-                     load_whisper, part_of, precision_radio, progress_fn, request_dir, speed_summary, task_radio,
-                     whisper_model_dropdown, whisper_request)
+from .common import (PrecisionRun, agreement_text, compare_columns, compare_precisions, language_dropdown,
+                     load_whisper, part_of, progress_fn, request_dir, speed_summary, task_radio, whisper_pickers,
+                     whisper_request)
 
 USER_ERRORS = (youtube.YouTubeError, video.MediaError, subtitle_job.SubtitleInputError, AudioError,
                ModelUnavailable, TranscriptionRefused, ValueError)
@@ -198,10 +198,7 @@ def build_subtitles_tab(services: Services) -> None:
                 info = gr.Markdown()
                 thumbnail = gr.Image(label="Thumbnail", height=120, interactive=False)
             video_file = gr.File(label="…or upload a video", file_types=["video", "audio"], type="filepath")
-            with gr.Row():
-                model = whisper_model_dropdown(settings.default_model, settings.allow_local_models)
-                precision = precision_radio()
-                device = device_dropdown(settings.default_device)
+            model, precision, device = whisper_pickers(settings)
             with gr.Row():
                 task = task_radio()
                 language = language_dropdown()
@@ -218,13 +215,7 @@ def build_subtitles_tab(services: Services) -> None:
             files = gr.File(label="Downloads", file_count="multiple")
     with gr.Accordion("Compare FP16 and INT8: the same audio through both models, timed", open=False):
         compare = gr.Button("Compare FP16 and INT8", elem_id="subtitles-compare")
-        with gr.Row():
-            with gr.Column():
-                fp16_cues = gr.Textbox(label="FP16 subtitles", lines=8)
-                fp16_seconds = gr.Number(label="FP16 seconds", interactive=False)
-            with gr.Column():
-                int8_cues = gr.Textbox(label="INT8 subtitles", lines=8)
-                int8_seconds = gr.Number(label="INT8 seconds", interactive=False)
+        compared = compare_columns(lambda name: gr.Textbox(label=f"{name} subtitles", lines=8))
         compare_summary = gr.Textbox(label="Comparison", interactive=False)
         compare_files = gr.File(label="Downloads (FP16 and INT8 SRT, WebVTT)", file_count="multiple")
     url.blur(make_info_handler(), inputs=[url], outputs=[info, thumbnail], api_name="video_info",
@@ -241,7 +232,7 @@ def build_subtitles_tab(services: Services) -> None:
     compare.click(
         make_subtitles_compare_handler(services),
         inputs=[url, video_file, model, device, task, language, max_line_chars, max_duration],
-        outputs=[fp16_cues, fp16_seconds, int8_cues, int8_seconds, compare_summary, compare_files],
+        outputs=compared + [compare_summary, compare_files],
         api_name="subtitles_compare",
         concurrency_id="whisper",
         concurrency_limit=settings.concurrency["whisper"],
