@@ -254,9 +254,9 @@ def build_app(services, preload: Optional[Preload] = None):
     """The Gradio Blocks app over ready services (no model is loaded here)."""
     import gradio as gr
 
-    from ui.speech_tab import build_speech_tab
-    from ui.image_tab import build_image_tab
     from ui.common import keep_outputs_hours
+    from ui.image_tab import build_image_tab
+    from ui.speech_tab import build_speech_tab
     from ui.subtitles_tab import build_subtitles_tab
 
     settings = services.settings

@@ -353,13 +353,13 @@ def _fmt(value, digits=2, suffix=""):
     return "" if value is None else f"{value:.{digits}f}{suffix}"
 
 
-def report(rows: list[dict], args, ab: dict | None = None, host: dict | None = None) -> str:
+def report(rows: list[dict], args, ab: dict | None, host: dict) -> str:
     by = {r["system"]: r for r in rows if "error" not in r}
     fp16, fp32 = by.get("ov-fp16"), by.get("torch-fp32")
     lines = [
         f"SD1.5 + ControlNet OpenPose, full architecture, random weights, {args.size}x{args.size}, "
         f"{args.steps} UniPC steps, CFG 7.5 (batch 2), {args.threads} threads, {time.strftime('%Y-%m-%d')}, "
-        f"{machine.summary(host or machine.describe())}",
+        f"{machine.summary(host)}",
         "",
         "| system | s / step | s / image | first image s | convert / quantize s | model MB on disk | peak MB generating | peak MB converting | step vs torch fp32 | step vs OV FP16 |",
         "|---|---|---|---|---|---|---|---|---|---|",
