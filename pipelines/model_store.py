@@ -238,9 +238,7 @@ class WhisperModelStore:
         """
         from . import quantize
 
-        key = base.path.name if base.source != "local-ir" else folder_fingerprint(base.path)
-        kind = INT8_FORMAT if self.int8_method == "decoder-weights" else "ptq"
-        target = self.root / "whisper" / slug(base.reference) / "int8" / f"{key}-{versions_key()}-{kind}"
+        target = self.int8_folder_for(base)
 
         def build(tmp: Path) -> dict:
             if self.int8_method == "calibrated":
@@ -259,6 +257,25 @@ class WhisperModelStore:
             return self._compress_decoder(base.path, tmp)
 
         return self.cache.get_or_build(target, build)
+
+    def int8_folder_for(self, base: ResolvedModel) -> Path:
+        """Where the INT8 model made from ``base`` is cached: beside the FP16 folder of the same revision.
+
+        The revision (bundled package version, local folder fingerprint or hub revision) is part of the
+        path, so a retrained checkpoint or an upgraded bundled package never reuses an old INT8 model;
+        so are the converter versions, the method and, for ``calibrated``, the calibration audio.
+        """
+        if base.source == "local-ir":  # the user's own folder: never write into it
+            parent = self.root / "whisper" / slug(base.reference) / folder_fingerprint(base.path)
+        else:
+            parent = base.path.parent  # <root>/whisper/<model>/<revision>
+        kind = INT8_FORMAT
+        if self.int8_method == "calibrated":
+            from . import quantize
+
+            audio = quantize.calibration_folder(self.calibration_dir)
+            kind = "ptq-" + (folder_fingerprint(audio) if audio is not None else "espeak")
+        return parent / f"int8-{versions_key()}-{kind}"
 
     @staticmethod
     def _compress_decoder(source: Path, tmp: Path) -> dict:

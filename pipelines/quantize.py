@@ -46,7 +46,7 @@ class CalibrationUnavailable(RuntimeError):
 
 def calibration_audio(folder: Optional[Path] = None, limit: int = 32) -> tuple[list[np.ndarray], str]:
     """Calibration clips (16 kHz mono float32) and a description of where they came from."""
-    folder = folder or (Path(os.environ[ENV_CALIBRATION_AUDIO]) if os.environ.get(ENV_CALIBRATION_AUDIO) else None)
+    folder = calibration_folder(folder)
     if folder is not None:
         clips = []
         for path in sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)[:limit]:
@@ -60,6 +60,13 @@ def calibration_audio(folder: Optional[Path] = None, limit: int = 32) -> tuple[l
     return spoken_sentences(limit), "espeak-ng clips of the shipped calibration sentences"
 
 
+def calibration_folder(folder: Optional[Path] = None) -> Optional[Path]:
+    """The folder of calibration recordings: the one given, else ``VOICE_STUDIO_CALIBRATION_AUDIO``, else None."""
+    if folder is not None:
+        return Path(folder)
+    return Path(os.environ[ENV_CALIBRATION_AUDIO]) if os.environ.get(ENV_CALIBRATION_AUDIO) else None
+
+
 def spoken_sentences(limit: int = 32) -> list[np.ndarray]:
     """The shipped calibration sentences, spoken by espeak-ng (several languages)."""
     if shutil.which("espeak-ng") is None:
@@ -70,9 +77,15 @@ def spoken_sentences(limit: int = 32) -> list[np.ndarray]:
     with tempfile.TemporaryDirectory(prefix="voice-studio-calibration-") as tmp:
         for index, item in enumerate(sentences):
             wav = Path(tmp) / f"{index}.wav"
-            subprocess.run(["espeak-ng", "-v", item["voice"], "-s", "150", "-w", str(wav), item["text"]],
-                           check=True, capture_output=True)
-            clips.append(load_audio(wav))
+            try:
+                subprocess.run(["espeak-ng", "-v", item["voice"], "-s", "150", "-w", str(wav), item["text"]],
+                               check=True, capture_output=True, timeout=60)
+                clips.append(load_audio(wav))
+            except (OSError, subprocess.SubprocessError, AudioError) as exc:
+                detail = getattr(exc, "stderr", b"") or b""
+                raise CalibrationUnavailable(
+                    f"espeak-ng could not speak calibration sentence {index} (voice {item['voice']}): "
+                    f"{exc} {detail.decode(errors='replace').strip()}".strip()) from exc
     return clips
 
 

@@ -40,7 +40,7 @@ def test_int8_is_an_int8_weight_decoder_beside_the_fp16_encoder(whisper_store, t
     from pipelines.quantize import count_int8
 
     resolved = whisper_store.resolve(str(tiny_whisper_hf), "int8")
-    assert resolved.path != tiny_whisper_ir and "int8" in resolved.path.parts
+    assert resolved.path.name.startswith("int8-") and resolved.path.parent == tiny_whisper_ir.parent
     decoder = count_int8(resolved.path / "openvino_decoder_model.xml")
     assert decoder["int8_constants"] >= 8 and decoder["fake_quantize"] == 0  # INT8 weights, float activations
     assert count_int8(resolved.path / "openvino_encoder_model.xml") == {"fake_quantize": 0, "int8_constants": 0}
@@ -75,7 +75,7 @@ def test_calibrated_int8_quantizes_the_encoder_on_speech(tmp_path, tiny_whisper_
     sh.copy(english_clip, recordings / "clip.wav")
     store = WhisperModelStore(tmp_path / "models", calibration_dir=recordings, int8_method="calibrated")
     resolved = store.resolve(str(tiny_whisper_ir), "int8")
-    assert resolved.path.name.endswith("-ptq")
+    assert "-ptq-" in resolved.path.name
     assert quantize.count_int8(resolved.path / "openvino_encoder_model.xml")["fake_quantize"] > 0
     assert quantize.count_int8(resolved.path / "openvino_decoder_model.xml")["int8_constants"] >= 8
     marker = AtomicFolderCache(store.root).describe(resolved.path)
@@ -95,6 +95,52 @@ def test_calibrated_int8_without_audio_falls_back_and_says_why(tmp_path, tiny_wh
     marker = AtomicFolderCache(store.root).describe(resolved.path)
     assert marker["method"].startswith("INT8 weight-only decoder") and "espeak-ng" in marker["why_not_calibrated"]
     assert quantize.count_int8(resolved.path / "openvino_encoder_model.xml")["fake_quantize"] == 0
+
+
+def test_int8_folder_follows_the_fp16_revision(tmp_path, monkeypatch):
+    """A new bundled package, a retrained local checkpoint or another calibration set: a new INT8 folder."""
+    from pipelines import quantize
+    from pipelines.model_store import ResolvedModel
+
+    store = WhisperModelStore(tmp_path)
+    old = store.folder_for("bundled/whisper-base", "1.0+1.0", "fp16")
+    new = store.folder_for("bundled/whisper-base", "1.1+1.0", "fp16")
+    int8_old = store.int8_folder_for(ResolvedModel(old, "bundled/whisper-base", "fp16", "bundled"))
+    int8_new = store.int8_folder_for(ResolvedModel(new, "bundled/whisper-base", "fp16", "bundled"))
+    assert int8_old != int8_new and int8_old.parent == old.parent and int8_new.parent == new.parent
+
+    mine = tmp_path / "my-ir"
+    mine.mkdir()
+    (mine / "openvino_encoder_model.bin").write_bytes(b"1")
+    first = store.int8_folder_for(ResolvedModel(mine, str(mine), "fp16", "local-ir"))
+    assert mine not in first.parents  # never written into the user's folder
+    (mine / "openvino_encoder_model.bin").write_bytes(b"22")
+    assert store.int8_folder_for(ResolvedModel(mine, str(mine), "fp16", "local-ir")) != first
+
+    monkeypatch.delenv(quantize.ENV_CALIBRATION_AUDIO, raising=False)
+    recordings = tmp_path / "recordings"
+    recordings.mkdir()
+    (recordings / "a.wav").write_bytes(b"x")
+    calibrated = WhisperModelStore(tmp_path, calibration_dir=recordings, int8_method="calibrated")
+    before = calibrated.int8_folder_for(ResolvedModel(old, "bundled/whisper-base", "fp16", "bundled"))
+    (recordings / "b.wav").write_bytes(b"y")
+    after = calibrated.int8_folder_for(ResolvedModel(old, "bundled/whisper-base", "fp16", "bundled"))
+    assert len({before, after, int8_old}) == 3
+
+
+def test_espeak_failure_is_a_calibration_gap_not_a_crash(monkeypatch):
+    """A broken espeak-ng (missing voice, crash) makes the calibrated method fall back, not fail the request."""
+    import subprocess
+
+    from pipelines import quantize
+
+    def broken(cmd, **kwargs):
+        raise subprocess.CalledProcessError(1, cmd, stderr=b"voice not found")
+
+    monkeypatch.setattr(quantize.shutil, "which", lambda name: "/usr/bin/espeak-ng")
+    monkeypatch.setattr(quantize.subprocess, "run", broken)
+    with pytest.raises(quantize.CalibrationUnavailable, match="voice not found"):
+        quantize.spoken_sentences(2)
 
 
 def test_unknown_int8_method_is_refused(tmp_path):
