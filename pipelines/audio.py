@@ -8,7 +8,7 @@ hour of audio never has to sit in memory at once.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -80,11 +80,40 @@ def iter_audio(path: Path | str, chunk_seconds: float = 30.0) -> Iterator[np.nda
         yield np.concatenate(pending)
 
 
-def load_audio(path: Path | str) -> np.ndarray:
-    """The whole file as 16 kHz mono float32. Raises AudioError for unusable input."""
-    pieces = list(iter_audio(path, chunk_seconds=60.0))
+def load_audio(path: Path | str, max_seconds: Optional[float] = None) -> np.ndarray:
+    """The whole file as 16 kHz mono float32. Raises AudioError for unusable input.
+
+    With ``max_seconds`` a longer file is refused before it is decoded when its container states its
+    length, and otherwise as soon as decoding passes the limit: memory stays bounded by the limit
+    whatever the upload holds (a 500 MB low-bitrate file can hold days of audio).
+    """
+    if max_seconds is not None:
+        _refuse_longer(duration_of(path), max_seconds)
+    pieces: list[np.ndarray] = []
+    decoded = 0
+    for piece in iter_audio(path, chunk_seconds=60.0):
+        pieces.append(piece)
+        decoded += piece.size
+        if max_seconds is not None:
+            _refuse_longer(decoded / SAMPLE_RATE, max_seconds, at_least=True)
     audio = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
     return check_audio(audio, Path(path).name)
+
+
+def duration_text(seconds: float) -> str:
+    """'3 hours', '90 minutes', '45 seconds': a limit or a length as people say it."""
+    if seconds >= 2 * 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:.0f} hours"
+    if seconds >= 120:
+        return f"{seconds / 60:.0f} minutes"
+    return f"{seconds:.0f} seconds"
+
+
+def _refuse_longer(seconds: float, max_seconds: float, at_least: bool = False) -> None:
+    if seconds > max_seconds:
+        length = f"more than {duration_text(max_seconds)}" if at_least else duration_text(seconds)
+        raise AudioError(f"The audio is {length} long; this server accepts up to {duration_text(max_seconds)}. "
+                         "Cut it into parts.")
 
 
 def from_array(sample_rate: int, data: np.ndarray) -> np.ndarray:

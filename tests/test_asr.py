@@ -125,6 +125,28 @@ def test_empty_and_non_audio_files_are_explained(tmp_path):
         load_audio(silence)
 
 
+def test_too_long_audio_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    """The length limit holds before decoding (header) and, for streams that state no length, while decoding."""
+    from conftest import write_wav
+
+    from pipelines import audio
+
+    long_wav = tmp_path / "long.wav"
+    write_wav(long_wav, np.full(200 * 16000, 0.01, np.float32))  # 3 min 20 s
+    decoded = []
+    real_iter = audio.iter_audio
+    monkeypatch.setattr(audio, "iter_audio", lambda *a, **k: (decoded.append(p) or p for p in real_iter(*a, **k)))
+    with pytest.raises(AudioError, match="is 3 minutes long; this server accepts up to 60 seconds"):
+        load_audio(long_wav, max_seconds=60)
+    assert decoded == []  # refused from the header, nothing decoded
+
+    monkeypatch.setattr(audio, "duration_of", lambda path: 0.0)  # a stream that does not state its length
+    with pytest.raises(AudioError, match="more than 60 seconds long; this server accepts up to 60 seconds"):
+        load_audio(long_wav, max_seconds=60)
+    assert len(decoded) == 2  # stopped at the first minute-long piece past the limit, not at the end
+    assert load_audio(long_wav, max_seconds=300).size == 200 * 16000
+
+
 def test_decoding_resamples_any_rate_and_format_to_16k_mono(tmp_path, english_clip):
     import subprocess
 

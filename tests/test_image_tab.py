@@ -101,7 +101,7 @@ def session(name: str):
 # --------------------------------------------------------------------------- voice prompt
 
 
-def test_voice_prompt_errors_without_a_model(image_services):
+def test_voice_prompt_errors_without_a_model(image_services, tmp_path):
     from ui.image_tab import make_voice_prompt_handler
 
     handler = make_voice_prompt_handler(image_services)
@@ -109,6 +109,12 @@ def test_voice_prompt_errors_without_a_model(image_services):
         handler(None, "", "CPU", **QUIET)
     with pytest.raises(gr.Error, match="not a readable audio"):
         handler(str(Path(__file__).resolve().parents[1] / "README.md"), "", "CPU", **QUIET)
+    from conftest import write_wav
+
+    speech = tmp_path / "speech.wav"
+    write_wav(speech, np.full(90 * 16000, 0.01, np.float32))  # a 90 s "prompt": refused before any model work
+    with pytest.raises(gr.Error, match="accepts up to 60 seconds"):
+        handler(str(speech), "", "CPU", **QUIET)
     assert image_services.whisper.loaded_keys() == []
 
 

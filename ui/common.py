@@ -127,15 +127,6 @@ def load_whisper(whisper, choice: ModelChoice, report: ProgressFn) -> None:
 
 
 # --------------------------------------------------------------------------- progress and text
-def duration_text(seconds: float) -> str:
-    """'3 hours', '90 minutes', '45 seconds': a limit or a length as people say it."""
-    if seconds >= 2 * 3600 and seconds % 3600 == 0:
-        return f"{seconds / 3600:.0f} hours"
-    if seconds >= 120:
-        return f"{seconds / 60:.0f} minutes"
-    return f"{seconds:.0f} seconds"
-
-
 def progress_fn(progress: gr.Progress) -> ProgressFn:
     """Adapt a gr.Progress to the pipelines' (fraction, step) callback."""
     def report(fraction: float, message: str) -> None:

@@ -98,6 +98,11 @@ class CancelRegistry:
                 del self._events[session]
 
 
+# A spoken prompt is a description of a picture (the text encoder reads 77 tokens, about 50 words):
+# longer recordings are refused rather than holding a Whisper slot for minutes.
+VOICE_PROMPT_MAX_SECONDS = 60.0
+
+
 def make_voice_prompt_handler(services: Services):
     def voice_prompt(audio: Optional[str], model: str, device: str, precision: str = "fp16",
                      progress: gr.Progress = gr.Progress()) -> tuple[str, str, str]:
@@ -116,7 +121,8 @@ def make_voice_prompt_handler(services: Services):
         report = progress_fn(progress)
         try:
             choice, options = whisper_request(services.settings, model, precision, device, timestamps=False)
-            samples = load_audio(Path(audio))
+            samples = load_audio(Path(audio), max_seconds=min(VOICE_PROMPT_MAX_SECONDS,
+                                                               services.settings.max_audio_seconds))
             announce_whisper_load(services.whisper, choice, report)
             original = services.whisper.transcribe(samples, choice, options, report)
             if not original.text:

@@ -15,7 +15,7 @@ from pipelines.services import Services
 from pipelines.subtitles import CueRules, write_outputs
 from pipelines.types import Transcript
 
-from .common import (agreement_text, announce_whisper_load, compare_columns, compare_precisions, duration_text,
+from .common import (agreement_text, announce_whisper_load, compare_columns, compare_precisions,
                      language_dropdown, load_whisper, progress_fn, request_dir, speed_summary, task_radio,
                      whisper_pickers, whisper_request)
 
@@ -35,12 +35,7 @@ def _samples(services: Services, audio: Optional[str], media_file: Optional[str]
     source = audio or media_file
     if not source:
         raise gr.Error("No audio was given. Record with the microphone or upload an audio or video file.")
-    samples = load_audio(Path(source))
-    seconds = samples.size / 16000
-    if seconds > services.settings.max_audio_seconds:
-        raise AudioError(f"The audio is {duration_text(seconds)} long; this server accepts up to "
-                         f"{duration_text(services.settings.max_audio_seconds)}. Cut it into parts.")
-    return Path(source), samples
+    return Path(source), load_audio(Path(source), max_seconds=services.settings.max_audio_seconds)
 
 
 def make_transcribe_handler(services: Services):
