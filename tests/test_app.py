@@ -50,6 +50,19 @@ def test_gradio_cache_of_uploads_and_served_files_is_swept_like_the_outputs(demo
     assert build_app(services).delete_cache == (900, 900)
 
 
+def test_every_api_parameter_is_documented_one_per_line(demo):
+    """Gradio reads an endpoint's description and its parameters' from the handler's docstring (API page, MCP)."""
+    from gradio import utils
+
+    endpoints = [fn for fn in demo.fns.values() if fn.api_name and fn.api_visibility == "public"]
+    assert len(endpoints) >= 12
+    for fn in endpoints:
+        description, params, _ = utils.get_function_description(fn.fn)
+        assert description, fn.api_name
+        undocumented = [name for name, doc in params.items() if not doc and name not in ("request", "progress")]
+        assert not undocumented, f"/{fn.api_name} does not document {undocumented}"
+
+
 def test_handler_returns_text_language_segments_and_valid_files(services, tiny_whisper_hf, english_clip):
     from ui.speech_tab import make_transcribe_handler
 

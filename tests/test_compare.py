@@ -344,6 +344,14 @@ def test_the_api_names_the_switch_and_the_compare_endpoints(client):
     for endpoint in ("/voice_prompt", "/generate_image"):
         last = endpoints[endpoint]["parameters"][-1]
         assert last["parameter_has_default"] and last["parameter_default"] == "fp16", last
+    # either-or inputs are optional: a client passes the one it has
+    for endpoint, either_or in [("/transcribe", ("audio", "media_file")), ("/transcribe_compare", ("audio", "media_file")),
+                                ("/subtitles", ("url", "video_file")), ("/subtitles_compare", ("url", "video_file"))]:
+        params = {p["parameter_name"]: p for p in endpoints[endpoint]["parameters"]}
+        assert all(params[name]["parameter_has_default"] for name in either_or), endpoint
+    # every output has a stable name (an unlabelled component would be "value_<id>", changing with the layout)
+    for endpoint, info in endpoints.items():
+        assert not [r["label"] for r in info["returns"] if re.fullmatch(r"(value|parameter)_\d+", r["label"])], endpoint
 
 
 def test_client_int8_transcription_runs_on_the_int8_model(client, tiny, english_clip):

@@ -210,6 +210,24 @@ def _announce_image_load(services: Services, refs: dict, device: str, precision:
         report(0.0, int8_first_use_note("image models", plural=True))
 
 
+# The image endpoints' parameters, one per line as Gradio reads them (API page, MCP), shared by both.
+IMAGE_ARGS_DOC = """\
+            prompt: English prompt.
+            negative_prompt: what to avoid.
+            pose: the OpenPose skeleton image (from /extract_pose or uploaded).
+            steps: denoising steps (1-100).
+            guidance_scale: classifier-free guidance (1 = none, which halves the work per step).
+            seed: random seed, the same seed gives the same image; -1 picks a random one.
+            controlnet_scale: how strongly the pose guides the image (0-2).
+            num_images: images per request (1-4), seeds seed, seed+1, ...
+            width: image width in pixels, a multiple of 8 from 256 to 1024.
+            height: image height in pixels, a multiple of 8 from 256 to 1024.
+            scheduler: UniPC, Euler a, DPM++ 2M, DDIM, PNDM or LMS.
+            sd_model: Stable Diffusion 1.5 hub id or local folder (empty: the default).
+            controlnet_model: ControlNet OpenPose hub id or local folder (empty: the default).
+            device: OpenVINO device (CPU, GPU, NPU, AUTO; empty: the server's default)."""
+
+
 def make_generate_handler(services: Services, cancels: CancelRegistry):
     def generate_image(
         prompt: str,
@@ -230,18 +248,7 @@ def make_generate_handler(services: Services, cancels: CancelRegistry):
         request: gr.Request = None,
         progress: gr.Progress = gr.Progress(),
     ) -> tuple[list[str], str]:
-        """Stable Diffusion 1.5 + ControlNet OpenPose on OpenVINO.
-
-        Args:
-            prompt: English prompt. negative_prompt: what to avoid.
-            pose: the OpenPose skeleton image (from /extract_pose or uploaded).
-            steps, guidance_scale, seed (-1 = random), controlnet_scale, num_images (1-4),
-            width, height (multiples of 8, 256-1024), scheduler (UniPC, Euler a, DPM++ 2M, DDIM, PNDM, LMS).
-            sd_model, controlnet_model: hub ids or local folders. device: OpenVINO device.
-            precision: image models' precision, "fp16" or "int8" (the first INT8 use quantizes them: minutes).
-        Returns:
-            PNG files (each carries its settings as metadata) and a summary of seeds, precision and time.
-        """
+        # the docstring (what Gradio documents for the API) is set below, from IMAGE_ARGS_DOC
         options = _image_options(prompt, negative_prompt, steps, guidance_scale, seed, controlnet_scale, num_images,
                                  width, height, scheduler)
         report = progress_fn(progress)
@@ -263,6 +270,14 @@ def make_generate_handler(services: Services, cancels: CancelRegistry):
             gr.Warning(warning)
         return [str(p) for p in paths], summary
 
+    generate_image.__doc__ = f"""Stable Diffusion 1.5 + ControlNet OpenPose on OpenVINO.
+
+        Args:
+{IMAGE_ARGS_DOC}
+            precision: image models' precision, "fp16" or "int8" (the first INT8 use quantizes them: minutes).
+        Returns:
+            PNG files (each carries its settings as metadata) and a summary of seeds, precision and time.
+        """
     return generate_image
 
 
@@ -285,16 +300,7 @@ def make_generate_compare_handler(services: Services, cancels: CancelRegistry):
         request: gr.Request = None,
         progress: gr.Progress = gr.Progress(),
     ) -> tuple[list[str], float, list[str], float, str]:
-        """The same images from the FP16 and the INT8 image models (same seed), each timed per denoising step.
-
-        Each pipeline is loaded before its run (the first INT8 use quantizes the models: minutes), so
-        the times are generation only. Cancel stops the comparison too.
-
-        Args:
-            the same as /generate_image, without precision (seed -1 picks one random seed for both runs).
-        Returns:
-            FP16 images, FP16 seconds per step, INT8 images, INT8 seconds per step, and a summary (ratio, seeds).
-        """
+        # the docstring is set below, from IMAGE_ARGS_DOC
         options = _image_options(prompt, negative_prompt, steps, guidance_scale, seed, controlnet_scale, num_images,
                                  width, height, scheduler)
         report = progress_fn(progress)
@@ -325,6 +331,17 @@ def make_generate_compare_handler(services: Services, cancels: CancelRegistry):
             gr.Warning(warning)
         return paths["fp16"], round(per_step[0], 4), paths["int8"], round(per_step[1], 4), summary
 
+    generate_image_compare.__doc__ = f"""The same images from the FP16 and the INT8 image models (same seed), each timed per step.
+
+        Each pipeline is loaded before its run (the first INT8 use quantizes the models: minutes), so
+        the times are generation only. Cancel stops the comparison too. Seed -1 picks one random seed
+        for both runs.
+
+        Args:
+{IMAGE_ARGS_DOC}
+        Returns:
+            FP16 images, FP16 seconds per step, INT8 images, INT8 seconds per step, and a summary (ratio, seeds).
+        """
     return generate_image_compare
 
 

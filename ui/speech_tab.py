@@ -42,24 +42,24 @@ def make_transcribe_handler(services: Services):
     """The event handler behind the tab and the /transcribe endpoint."""
 
     def transcribe(
-        audio: Optional[str],
-        media_file: Optional[str],
-        model: str,
-        precision: str,
-        device: str,
-        task: str,
-        language: str,
-        timestamps: bool,
+        audio: Optional[str] = None,
+        media_file: Optional[str] = None,
+        model: Optional[str] = None,
+        precision: Optional[str] = None,
+        device: Optional[str] = None,
+        task: Optional[str] = None,
+        language: Optional[str] = None,
+        timestamps: bool = True,
         progress: gr.Progress = gr.Progress(),
     ) -> tuple[str, str, list[list], list[str]]:
         """Transcribe or translate speech.
 
         Args:
-            audio: a recording or uploaded audio file (wav, mp3, flac, ogg, m4a).
+            audio: a recording or uploaded audio file (wav, mp3, flac, ogg, m4a); give it or `media_file`.
             media_file: alternatively any audio or video file; used when `audio` is empty.
-            model: Whisper model id, bundled model, or local folder.
+            model: Whisper model id, bundled model, or local folder (empty: the server's default).
             precision: "fp16" or "int8" (INT8 weights; the first use quantizes the model, which can take minutes).
-            device: OpenVINO device (CPU, GPU, NPU, AUTO).
+            device: OpenVINO device (CPU, GPU, NPU, AUTO; empty: the server's default).
             task: "transcribe" or "translate" (to English).
             language: spoken language code, or "auto" to detect it.
             timestamps: whether to return timed segments.
@@ -91,12 +91,12 @@ def make_transcribe_compare_handler(services: Services):
     """The handler behind the tab's comparison and the /transcribe_compare endpoint."""
 
     def transcribe_compare(
-        audio: Optional[str],
-        media_file: Optional[str],
-        model: str,
-        device: str,
-        task: str,
-        language: str,
+        audio: Optional[str] = None,
+        media_file: Optional[str] = None,
+        model: Optional[str] = None,
+        device: Optional[str] = None,
+        task: Optional[str] = None,
+        language: Optional[str] = None,
         progress: gr.Progress = gr.Progress(),
     ) -> tuple[str, float, str, float, str]:
         """Transcribe the same audio with the FP16 and the INT8 model and time both.
@@ -105,10 +105,10 @@ def make_transcribe_compare_handler(services: Services):
         the times are transcription only.
 
         Args:
-            audio: a recording or uploaded audio file.
+            audio: a recording or uploaded audio file; give it or `media_file`.
             media_file: alternatively any audio or video file; used when `audio` is empty.
-            model: Whisper model id, bundled model, or local folder.
-            device: OpenVINO device (CPU, GPU, NPU, AUTO).
+            model: Whisper model id, bundled model, or local folder (empty: the server's default).
+            device: OpenVINO device (CPU, GPU, NPU, AUTO; empty: the server's default).
             task: "transcribe" or "translate" (to English).
             language: spoken language code, or "auto" to detect it.
         Returns:

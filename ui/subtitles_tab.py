@@ -90,33 +90,36 @@ def cue_text(cues) -> str:
 
 def make_subtitles_handler(services: Services, yt_factory=youtube.YouTube):
     def subtitles(
-        url: str,
-        video_file: Optional[str],
-        model: str,
-        precision: str,
-        device: str,
-        task: str,
-        language: str,
-        max_line_chars: float,
-        max_duration: float,
-        burn_in: bool,
-        soft_track: bool,
+        url: Optional[str] = None,
+        video_file: Optional[str] = None,
+        model: Optional[str] = None,
+        precision: Optional[str] = None,
+        device: Optional[str] = None,
+        task: Optional[str] = None,
+        language: Optional[str] = None,
+        max_line_chars: Optional[float] = None,
+        max_duration: Optional[float] = None,
+        burn_in: bool = False,
+        soft_track: bool = False,
         progress: gr.Progress = gr.Progress(),
     ):
         """Timed subtitles for a YouTube video or an uploaded video.
 
         Args:
             url: a YouTube link; leave empty to use `video_file`.
-            video_file: an uploaded video (or audio) file.
-            model, precision, device: as in /transcribe (precision "fp16" or "int8").
+            video_file: an uploaded video (or audio) file; used when `url` is empty.
+            model: Whisper model id, bundled model, or local folder (empty: the server's default).
+            precision: "fp16" or "int8" (the first INT8 use quantizes the model: minutes).
+            device: OpenVINO device (CPU, GPU, NPU, AUTO; empty: the server's default).
             task: "transcribe" (spoken language) or "translate" (English subtitles).
             language: spoken language code or "auto".
-            max_line_chars: longest subtitle line in characters.
-            max_duration: longest time one subtitle stays on screen, in seconds.
+            max_line_chars: longest subtitle line in characters (20-80, default 42).
+            max_duration: longest time one subtitle stays on screen, in seconds (2-10, default 6).
             burn_in: also make a copy of the video with the subtitles burned in.
             soft_track: also make a copy with the subtitles as a selectable track.
         Returns:
-            the player (the video with its WebVTT subtitles), the subtitle text, and files [srt, vtt, ...videos].
+            the player (an update: "value" the video, "subtitles" its WebVTT file), the subtitle text, and files
+            [srt, vtt, then the burned-in and soft-track videos when asked for].
         """
         report = progress_fn(progress)
         try:
@@ -139,14 +142,14 @@ def make_subtitles_handler(services: Services, yt_factory=youtube.YouTube):
 
 def make_subtitles_compare_handler(services: Services, yt_factory=youtube.YouTube):
     def subtitles_compare(
-        url: str,
-        video_file: Optional[str],
-        model: str,
-        device: str,
-        task: str,
-        language: str,
-        max_line_chars: float,
-        max_duration: float,
+        url: Optional[str] = None,
+        video_file: Optional[str] = None,
+        model: Optional[str] = None,
+        device: Optional[str] = None,
+        task: Optional[str] = None,
+        language: Optional[str] = None,
+        max_line_chars: Optional[float] = None,
+        max_duration: Optional[float] = None,
         progress: gr.Progress = gr.Progress(),
     ) -> tuple[str, float, str, float, str, list[str]]:
         """Subtitles of the same video with the FP16 and the INT8 model, each transcription timed.
@@ -157,8 +160,13 @@ def make_subtitles_compare_handler(services: Services, yt_factory=youtube.YouTub
 
         Args:
             url: a YouTube link; leave empty to use `video_file`.
-            video_file: an uploaded video (or audio) file.
-            model, device, task, language, max_line_chars, max_duration: as in /subtitles.
+            video_file: an uploaded video (or audio) file; used when `url` is empty.
+            model: Whisper model id, bundled model, or local folder (empty: the server's default).
+            device: OpenVINO device (CPU, GPU, NPU, AUTO; empty: the server's default).
+            task: "transcribe" (spoken language) or "translate" (English subtitles).
+            language: spoken language code or "auto".
+            max_line_chars: longest subtitle line in characters (20-80, default 42).
+            max_duration: longest time one subtitle stays on screen, in seconds (2-10, default 6).
         Returns:
             FP16 subtitles, FP16 seconds, INT8 subtitles, INT8 seconds, a summary (time ratio, how far the
             texts agree), and files [FP16 srt, FP16 vtt, INT8 srt, INT8 vtt].
@@ -195,7 +203,7 @@ def build_subtitles_tab(services: Services) -> None:
         with gr.Column():
             url = gr.Textbox(label="YouTube link", placeholder="https://www.youtube.com/watch?v=…")
             with gr.Row():
-                info = gr.Markdown()
+                info = gr.Markdown(label="Video details")
                 thumbnail = gr.Image(label="Thumbnail", height=120, interactive=False)
             video_file = gr.File(label="…or upload a video", file_types=["video", "audio"], type="filepath")
             model, precision, device = whisper_pickers(settings)
