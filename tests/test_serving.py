@@ -299,8 +299,11 @@ def test_the_login_is_required(guarded):
     assert wrong.status_code == 400 and PASSWORD not in wrong.text
     with pytest.raises(Exception):
         Client(guarded.url, verbose=False)
-    status = api_client(guarded).predict(api_name="/status")
+    client = api_client(guarded)
+    status = client.predict(api_name="/status")
     assert status["shared"] is True and status["preload"] == "off"
+    # visitors of a shared server cannot unload everyone's models
+    assert "/release_models" not in client.view_api(return_format="dict", print_info=False)["named_endpoints"]
 
 
 @pytest.mark.parametrize("path", ["/etc/passwd", "/etc/../etc/passwd", "%2Fetc%2Fpasswd", "//etc/passwd",

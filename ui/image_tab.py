@@ -73,29 +73,32 @@ def _real(value: Any) -> Any:
 
 
 class CancelRegistry:
-    """One cancel flag per browser session, so Cancel stops that session's generation only."""
+    """Cancel flags of the running generations, by browser session: Cancel stops that session's
+    generations (all of them, when one session runs several, e.g. threads sharing a gradio_client)."""
 
     def __init__(self) -> None:
-        self._events: dict[str, threading.Event] = {}
+        self._events: dict[str, set[threading.Event]] = {}
         self._lock = threading.Lock()
 
     def start(self, session: str) -> threading.Event:
+        event = threading.Event()
         with self._lock:
-            event = self._events[session] = threading.Event()
-            return event
+            self._events.setdefault(session, set()).add(event)
+        return event
 
     def cancel(self, session: str) -> bool:
         with self._lock:
-            event = self._events.get(session)
-        if event is None:
-            return False
-        event.set()
-        return True
+            events = list(self._events.get(session, ()))
+        for event in events:
+            event.set()
+        return bool(events)
 
     def finish(self, session: str, event: threading.Event) -> None:
         with self._lock:
-            if self._events.get(session) is event:
-                del self._events[session]
+            running = self._events.get(session, set())
+            running.discard(event)
+            if not running:
+                self._events.pop(session, None)
 
 
 # A spoken prompt is a description of a picture (the text encoder reads 77 tokens, about 50 words):
@@ -345,11 +348,15 @@ def make_generate_compare_handler(services: Services, cancels: CancelRegistry):
     return generate_image_compare
 
 
+# Still true once the generation has stopped (the box is not rewritten when it has).
+CANCEL_REQUESTED = "Cancel requested: the generation stops after its current step."
+
+
 def make_cancel_handler(cancels: CancelRegistry):
     def cancel_generation(request: gr.Request = None) -> str:
         """Stop this session's image generation after the current denoising step."""
         stopped = cancels.cancel(getattr(request, "session_hash", None) or "api")
-        return "Cancelling…" if stopped else "Nothing to cancel."
+        return CANCEL_REQUESTED if stopped else "Nothing to cancel."
 
     return cancel_generation
 
@@ -406,7 +413,8 @@ def build_image_tab(services: Services) -> None:
             with gr.Row():
                 generate_button = gr.Button("Generate", variant="primary")
                 cancel_button = gr.Button("Cancel")
-                release_button = gr.Button("Free memory")
+                # Unloading every model is for whoever runs the server, not for visitors of a shared one.
+                release_button = None if settings.shared else gr.Button("Free memory")
             gallery = gr.Gallery(label="Images", columns=2, format="png")
             summary = gr.Textbox(label="Result", interactive=False)
     with gr.Accordion("Compare FP16 and INT8: the same settings and seed through both image models, timed",
@@ -422,16 +430,19 @@ def build_image_tab(services: Services) -> None:
     # /generate_image and /generate_image_compare take the same settings; only the first takes a precision.
     image_settings = [prompt, negative, pose, steps, guidance, seed, strength, num_images, width, height, scheduler,
                       sd_model, controlnet_model, device]
-    generate_button.click(
+    generating = generate_button.click(
         make_generate_handler(services, cancels),
         inputs=image_settings + [image_precision],
         outputs=[gallery, summary], api_name="generate_image", concurrency_id="image")
-    compare_button.click(
+    comparing = compare_button.click(
         make_generate_compare_handler(services, cancels),
         inputs=image_settings,
         outputs=compared + [compare_summary],
         api_name="generate_image_compare", concurrency_id="image")
+    # The handler stops running generations after their current step; `cancels` drops this browser's
+    # generations still waiting in the queue (the image queue runs one at a time).
     cancel_button.click(make_cancel_handler(cancels), outputs=[summary], api_name="cancel_generation",
-                        concurrency_limit=None, queue=False)
-    release_button.click(make_release_handler(services), outputs=[summary], api_name="release_models",
-                         concurrency_limit=None)
+                        concurrency_limit=None, queue=False, cancels=[generating, comparing])
+    if release_button is not None:
+        release_button.click(make_release_handler(services), outputs=[summary], api_name="release_models",
+                             concurrency_limit=None)
