@@ -77,12 +77,14 @@ def default_host(environ: Mapping[str, str]) -> str:
 def parse_args(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, str]] = None,
                data_dir: Path = SPACE_DATA_DIR) -> argparse.Namespace:
     """Flags, with defaults from VOICE_STUDIO_* variables and, when SPACE_ID is set, a Space's conventions."""
+    from pipelines.model_store import INT8_METHODS
+
     environ = os.environ if environ is None else environ
     env = environ.get
     parser = argparse.ArgumentParser(
         prog="app.py",
         description="Voice Studio: speech to text, video to subtitles and voice to pose-guided image, on OpenVINO. "
-                    "Every flag can also be set with the environment variable named after it.",
+                    "Every flag but --share can also be set with the environment variable named after it.",
     )
     serving = parser.add_argument_group("serving")
     serving.add_argument("--host", default=default_host(environ),
@@ -129,7 +131,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[s
     models.add_argument("--model", default=env(f"{ENV_PREFIX}MODEL", None),
                         help="default Whisper model: a listed id, a Hugging Face id or a local folder "
                              "(env VOICE_STUDIO_MODEL; default: the bundled multilingual whisper-base)")
-    models.add_argument("--whisper-int8", choices=("decoder-weights", "calibrated"),
+    models.add_argument("--whisper-int8", choices=INT8_METHODS,
                         default=env(f"{ENV_PREFIX}WHISPER_INT8") or "decoder-weights",
                         help="how INT8 Whisper is made: decoder-weights (INT8 decoder weights, FP16 encoder: the "
                              "fastest and most accurate on AVX-512/AMX CPUs) or calibrated (NNCF post-training "
@@ -143,6 +145,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[s
     except argparse.ArgumentTypeError as exc:
         parser.error(f"VOICE_STUDIO_CONCURRENCY: {exc}")
     args.concurrency = from_env + list(args.concurrency or [])
+    if args.whisper_int8 not in INT8_METHODS:  # argparse checks the choices of flags, not of defaults
+        parser.error(f"VOICE_STUDIO_WHISPER_INT8: invalid choice '{args.whisper_int8}' "
+                     f"(choose from {', '.join(INT8_METHODS)})")
     args.space_id = env("SPACE_ID") or None
     args.auth_env = env(f"{ENV_PREFIX}AUTH") or None  # user:password lines, e.g. from a Space secret
     return args
@@ -150,7 +155,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[s
 
 # --------------------------------------------------------------------------- services and UI
 def make_services(args: argparse.Namespace):
-    from pipelines.devices import default_device
+    from pipelines.devices import default_device, validate_device
     from pipelines.security import is_shared
     from pipelines.services import DEFAULT_CONCURRENCY, Services, Settings
     from pipelines.whisper_models import DEFAULT_MODEL
@@ -159,7 +164,7 @@ def make_services(args: argparse.Namespace):
     settings = Settings(
         models_dir=args.models_dir,
         default_model=args.model or DEFAULT_MODEL,
-        default_device=args.device or default_device(),
+        default_device=_startup_device(args.device, validate_device) if args.device else default_device(),
         max_loaded_whisper=args.max_loaded_models,
         max_audio_seconds=args.max_audio_minutes * 60.0,
         whisper_int8=args.whisper_int8,
@@ -169,6 +174,14 @@ def make_services(args: argparse.Namespace):
         concurrency={**DEFAULT_CONCURRENCY, **dict(args.concurrency or [])},
     )
     return Services(settings)
+
+
+def _startup_device(device: str, validate) -> str:
+    """The --device / VOICE_STUDIO_DEVICE value, checked against what OpenVINO finds here, or a clear exit."""
+    try:
+        return validate(device)
+    except ValueError as exc:
+        raise SystemExit(f"app.py: error: --device (or VOICE_STUDIO_DEVICE): {exc}") from None
 
 
 @dataclass

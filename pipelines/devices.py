@@ -19,7 +19,7 @@ def default_device() -> str:
 
 def validate_device(device: str) -> str:
     """Return ``device`` if this machine offers it; raise ValueError with the choices if not."""
-    device = (device or "").strip()
+    device = (device or "").strip().upper()  # OpenVINO's names are upper case: "gpu.0" means GPU.0
     if device in available_devices():
         return device
     raise ValueError(

@@ -129,6 +129,19 @@ def test_bad_concurrency_values_are_refused(bad, capsys):
     assert "--concurrency" in capsys.readouterr().err
 
 
+def test_bad_environment_values_are_refused_like_bad_flags(capsys, tmp_path):
+    import app
+
+    with pytest.raises(SystemExit):
+        app.parse_args([], environ={"VOICE_STUDIO_WHISPER_INT8": "decoder_weights"})
+    assert "VOICE_STUDIO_WHISPER_INT8: invalid choice 'decoder_weights'" in capsys.readouterr().err
+    # a device this machine lacks stops the start with the choices, instead of failing every request later
+    args = app.parse_args(["--device", "GPU.7", "--models-dir", str(tmp_path)], environ={})
+    with pytest.raises(SystemExit, match="Device 'GPU.7' is not available here. Choose one of: CPU"):
+        app.make_services(args)
+    assert app.make_services(app.parse_args(["--device", "cpu"], environ={})).settings.default_device == "CPU"
+
+
 def test_hugging_face_space_conventions(tmp_path):
     import app
 
