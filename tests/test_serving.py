@@ -255,6 +255,23 @@ def test_no_password_lives_in_the_code():
         assert not pattern.search(path.read_text()), path
 
 
+
+def test_every_client_command_in_the_readme_parses():
+    import shlex
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import api_client
+    finally:
+        sys.path.pop(0)
+    commands = [line.split("#")[0] for line in (ROOT / "README.md").read_text().splitlines()
+                if line.startswith("python examples/api_client.py")]
+    assert len(commands) >= 8
+    for command in commands:
+        args = api_client.build_parser().parse_args(shlex.split(command)[2:])  # argparse exits on a bad line
+        if "--out" in command:
+            assert args.out is not None, command
+
 # =========================================================================== the built app
 def test_each_kind_of_work_has_its_own_concurrency_limit(services):
     from app import build_app
