@@ -42,6 +42,7 @@ Long audio in bounded memory
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -122,9 +123,19 @@ class Window:
 # --------------------------------------------------------------------------- model
 
 
-@lru_cache(maxsize=1)
+# One lock for the first import and load: two first requests at once (Whisper runs two at a time) load
+# the model once, and the torch thread count saved around the import is not restored out of order.
+_LOAD_LOCK = threading.Lock()
+
+
 def _silero() -> tuple[Any, Any]:
     """(silero_vad module, get_speech_timestamps_from_probs), imported once, torch threads kept."""
+    with _LOAD_LOCK:
+        return _import_silero()
+
+
+@lru_cache(maxsize=1)
+def _import_silero() -> tuple[Any, Any]:
     try:
         import torch
     except ImportError as exc:  # pragma: no cover - torch is a dependency
@@ -141,10 +152,15 @@ def _silero() -> tuple[Any, Any]:
     return silero_vad, get_speech_timestamps_from_probs
 
 
-@lru_cache(maxsize=1)
 def load_vad_model() -> Any:
     """The Silero VAD sequence model (onnxruntime), loaded once and shared."""
-    silero_vad, _ = _silero()
+    with _LOAD_LOCK:
+        return _load_vad_model()
+
+
+@lru_cache(maxsize=1)
+def _load_vad_model() -> Any:
+    silero_vad, _ = _import_silero()
     try:
         return silero_vad.load_silero_vad(sequence=True, sampling_rate=SAMPLE_RATE,
                                           max_frames=_BLOCK_FRAMES)

@@ -79,6 +79,10 @@ def test_handler_returns_text_language_segments_and_valid_files(services, tiny_w
     assert data["language"] == "en" and data["text"] == text
     for row in segments:
         assert float(row[0]) <= float(row[1])
+    # without timestamps there is nothing to time subtitles by: text and JSON only, no empty SRT/VTT
+    _text, _language, segments, files = handler(str(english_clip), None, str(tiny_whisper_hf), "fp16", "CPU",
+                                                "transcribe", "en", False, progress=lambda *a, **k: None)
+    assert segments == [] and [Path(f).suffix for f in files] == [".txt", ".json"]
 
 
 @pytest.mark.parametrize("args, message", [

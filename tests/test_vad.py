@@ -97,13 +97,37 @@ def test_importing_silero_keeps_torch_threads() -> None:
     from pipelines import vad
 
     before = torch.get_num_threads()
-    vad._silero.cache_clear()
+    vad._import_silero.cache_clear()
     torch.set_num_threads(2)
     try:
         vad._silero()
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_two_first_requests_at_once_load_the_model_once(monkeypatch) -> None:
+    import threading
+
+    from pipelines import vad
+
+    calls = []
+    real = vad._import_silero.__wrapped__
+
+    def slow_import():
+        calls.append(threading.get_ident())
+        __import__("time").sleep(0.3)  # a slow first load: without the lock the other threads would load too
+        return real()
+
+    monkeypatch.setattr(vad, "_import_silero", __import__("functools").lru_cache(maxsize=1)(slow_import))
+    vad._load_vad_model.cache_clear()
+    models = []
+    threads = [threading.Thread(target=lambda: models.append(vad.load_vad_model())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(calls) == 1 and len(models) == 4 and all(m is models[0] for m in models)
 
 
 def test_file_must_be_16k(tmp_path) -> None:

@@ -64,7 +64,8 @@ def make_transcribe_handler(services: Services):
             language: spoken language code, or "auto" to detect it.
             timestamps: whether to return timed segments.
         Returns:
-            text, detected language, segments [start, end, text], files [srt, vtt, txt, json].
+            text, detected language, segments [start, end, text], files [srt, vtt, txt, json] ([txt, json]
+            without timestamps).
         """
         if not (audio or media_file):
             raise gr.Error("No audio was given. Record with the microphone or upload an audio or video file.")
@@ -81,8 +82,8 @@ def make_transcribe_handler(services: Services):
         out_dir = request_dir("speech")
         files = write_outputs(transcript, out_dir, source.stem or "transcript", CueRules())
         report(1.0, "done")
-        return transcript.text, transcript.language or "", segments_table(transcript), [
-            str(files[k]) for k in ("srt", "vtt", "txt", "json")]
+        kinds = ("srt", "vtt", "txt", "json") if timestamps else ("txt", "json")  # no empty subtitle files
+        return transcript.text, transcript.language or "", segments_table(transcript), [str(files[k]) for k in kinds]
 
     return transcribe
 
