@@ -630,6 +630,6 @@ def test_readme_is_a_space_card_that_still_opens_with_the_app_and_its_commands()
     lines = body.lstrip("\n").splitlines()
     assert lines[0] == "# Voice Studio"
     blocks = re.findall(r"```bash\n(.*?)\n```", body, re.S)
-    assert blocks[0].startswith("sudo apt-get install -y ffmpeg espeak-ng")
+    assert blocks[0].startswith("sudo apt-get update && sudo apt-get install -y python3-venv ffmpeg espeak-ng")
     assert blocks[1] == ".venv/bin/python app.py"
     assert blocks[2] == ". .venv/bin/activate && python -m pytest"
