@@ -155,7 +155,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[s
 
 # --------------------------------------------------------------------------- services and UI
 def make_services(args: argparse.Namespace):
-    from pipelines.devices import default_device, validate_device
+    from pipelines.devices import default_device
     from pipelines.security import is_shared
     from pipelines.services import DEFAULT_CONCURRENCY, Services, Settings
     from pipelines.whisper_models import DEFAULT_MODEL
@@ -164,7 +164,7 @@ def make_services(args: argparse.Namespace):
     settings = Settings(
         models_dir=args.models_dir,
         default_model=args.model or DEFAULT_MODEL,
-        default_device=_startup_device(args.device, validate_device) if args.device else default_device(),
+        default_device=_startup_device(args.device) if args.device else default_device(),
         max_loaded_whisper=args.max_loaded_models,
         max_audio_seconds=args.max_audio_minutes * 60.0,
         whisper_int8=args.whisper_int8,
@@ -176,10 +176,12 @@ def make_services(args: argparse.Namespace):
     return Services(settings)
 
 
-def _startup_device(device: str, validate) -> str:
+def _startup_device(device: str) -> str:
     """The --device / VOICE_STUDIO_DEVICE value, checked against what OpenVINO finds here, or a clear exit."""
+    from pipelines.devices import validate_device
+
     try:
-        return validate(device)
+        return validate_device(device)
     except ValueError as exc:
         raise SystemExit(f"app.py: error: --device (or VOICE_STUDIO_DEVICE): {exc}") from None
 

@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     after.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="as before the command")
     after.add_argument("--out", type=Path, default=argparse.SUPPRESS, help="as before the command")
 
+    def command(name: str, help: str) -> argparse.ArgumentParser:  # noqa: A002 - argparse's own name
+        return commands.add_parser(name, parents=[after], help=help)
+
     def whisper_options(p: argparse.ArgumentParser, task: bool = True, precision: bool = True) -> None:
         p.add_argument("--model", help="Whisper model (a listed id or a Hugging Face id; default: the server's)")
         p.add_argument("--device", help="OpenVINO device (CPU, GPU, NPU, AUTO)")
@@ -168,19 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--task", choices=["transcribe", "translate"])
             p.add_argument("--language", help="spoken language code (en, de, ...) or auto")
 
-    p = commands.add_parser("transcribe", parents=[after], help="speech to text (/transcribe)")
+    p = command("transcribe", "speech to text (/transcribe)")
     p.add_argument("file", help="an audio or video file")
     whisper_options(p)
     p.add_argument("--no-timestamps", action="store_true", help="no timed segments")
     p.set_defaults(run=transcribe)
 
-    p = commands.add_parser("compare", parents=[after], help="the same audio through the FP16 and the INT8 Whisper, timed "
-                                            "(/transcribe_compare)")
+    p = command("compare", "the same audio through the FP16 and the INT8 Whisper, timed (/transcribe_compare)")
     p.add_argument("file", help="an audio or video file")
     whisper_options(p, precision=False)
     p.set_defaults(run=compare)
 
-    p = commands.add_parser("subtitles", parents=[after], help="video to subtitles (/subtitles)")
+    p = command("subtitles", "video to subtitles (/subtitles)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--url", help="a YouTube link")
     source.add_argument("--video", help="a video (or audio) file")
@@ -191,17 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soft-track", action="store_true", help="also return a copy with a subtitle track")
     p.set_defaults(run=subtitles)
 
-    p = commands.add_parser("voice-prompt", parents=[after], help="spoken prompt in any language -> English prompt (/voice_prompt)")
+    p = command("voice-prompt", "spoken prompt in any language -> English prompt (/voice_prompt)")
     p.add_argument("file", help="a recording of the spoken prompt")
     whisper_options(p, task=False)
     p.set_defaults(run=voice_prompt)
 
-    p = commands.add_parser("extract-pose", parents=[after], help="OpenPose skeleton of a photo (/extract_pose)")
+    p = command("extract-pose", "OpenPose skeleton of a photo (/extract_pose)")
     p.add_argument("photo")
     p.add_argument("--device")
     p.set_defaults(run=extract_pose)
 
-    p = commands.add_parser("generate", parents=[after], help="Stable Diffusion 1.5 + ControlNet OpenPose (/generate_image)")
+    p = command("generate", "Stable Diffusion 1.5 + ControlNet OpenPose (/generate_image)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--pose", required=True, help="a pose skeleton image (from extract-pose)")
     p.add_argument("--negative-prompt")
