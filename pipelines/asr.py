@@ -85,12 +85,22 @@ class WhisperService:
             resolved = self.store.resolve(choice.model, choice.precision, progress)
             progress(0.8, f"compile {choice.model} for {device}")
             loaded = self._compile(resolved, device)
+            self._load_vad()
             with self._guard:
                 self._loaded[key] = loaded
                 while len(self._loaded) > self.max_loaded:
                     evicted, _ = self._loaded.popitem(last=False)
                     log.info("unloaded %s to stay within %d models", evicted, self.max_loaded)
             return loaded
+
+    @staticmethod
+    def _load_vad() -> None:
+        """Load the voice activity model with the first Whisper model (once per process), so that the first
+        transcription, and the first run of an FP16/INT8 compare, does not include loading it."""
+        try:
+            vad.load_vad_model()
+        except vad.VadError as exc:  # said again, to the user, by the transcription that needs it
+            log.warning("%s", exc)
 
     def _compile(self, resolved: ResolvedModel, device: str) -> LoadedWhisper:
         """Build the pipeline with word timestamps available when the model's generation config has

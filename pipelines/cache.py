@@ -31,6 +31,10 @@ CONVERTER_PACKAGES = ("openvino", "openvino-tokenizers", "optimum-intel", "trans
 ProgressFn = Callable[[float, str], None]
 
 
+class DiskFull(OSError):
+    """The disk ran out of space while getting or converting a model; the message says where to free some."""
+
+
 def no_progress(fraction: float, message: str) -> None:  # noqa: ARG001 - a ProgressFn that drops updates
     pass
 

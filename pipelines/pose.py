@@ -31,6 +31,17 @@ NO_PERSON_MESSAGE = (
 )
 
 
+def uint8_pixels(array: np.ndarray) -> np.ndarray:
+    """Pixel values as uint8: floats in [0, 1] (matplotlib / skimage style) are scaled to 0-255, other
+    values are rounded and clipped to 0-255."""
+    if array.dtype == np.uint8:
+        return array
+    values = np.nan_to_num(array.astype(np.float64))
+    if array.dtype.kind == "f" and values.max(initial=0.0) <= 1.0:
+        values = values * 255.0
+    return np.clip(values, 0, 255).round().astype(np.uint8)
+
+
 def _to_rgb_array(image: Union[Image.Image, np.ndarray, str, Path]) -> np.ndarray:
     if image is None:
         raise ValueError("No photo was given. Upload a photo of a person to extract the pose from.")
@@ -45,7 +56,7 @@ def _to_rgb_array(image: Union[Image.Image, np.ndarray, str, Path]) -> np.ndarra
     if isinstance(image, np.ndarray) and image.ndim in (2, 3) and image.size:
         from controlnet_aux.util import HWC3
 
-        return HWC3(np.asarray(image, dtype=np.uint8))
+        return HWC3(uint8_pixels(image))
     raise ValueError(f"Expected a photo (PIL image, array or file path), not {type(image).__name__}.")
 
 
@@ -127,13 +138,14 @@ class PoseService:
         self.local_files_only = local_files_only
         self.detect_resolution = int(detect_resolution)
         self._cache = AtomicFolderCache(self.cache_root)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the compiled models
+        self._folder_lock = threading.Lock()  # the conversion (and download), which may take minutes
         self._folder: Optional[Path] = None
         self._compiled: dict[str, Any] = {}
         self._core = None
 
     def model_folder(self, progress: ProgressFn = no_progress) -> Path:
-        with self._lock:
+        with self._folder_lock:
             if self._folder is None:
                 self._folder = ensure_body_pose(
                     self.cache_root, self.pose_model, local_files_only=self.local_files_only,

@@ -19,21 +19,27 @@ versions and precision:
 All shapes but the channel counts are dynamic (batch, height, width; the text length too). Weights
 are read from safetensors only (``use_safetensors=True``); the OpenPose ``.pth`` is read with
 ``torch.load(weights_only=True)``. Hub references are resolved to a local snapshot first
-(``local_files_only`` honoured); a model that cannot be found raises :class:`ModelUnavailable`
-with what to do about it. Nothing heavy is imported at module import time.
+(``local_files_only`` honoured); when that fails (offline, with the Hugging Face cache cleaned) an
+IR folder converted earlier from the same hub model is used. A model that cannot be found raises
+:class:`ModelUnavailable` with what to do about it; a full disk is reported as such. Nothing heavy
+is imported at module import time.
 """
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import json
+import logging
 import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .cache import AtomicFolderCache, ProgressFn, folder_fingerprint, no_progress, slug, versions_key
+from .cache import READY_MARKER, AtomicFolderCache, DiskFull, ProgressFn, folder_fingerprint, no_progress, slug, versions_key
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SD_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_CONTROLNET = "lllyasviel/control_v11p_sd15_openpose"
@@ -99,6 +105,11 @@ def _file_fingerprint(path: Path) -> str:
 
 
 def _unavailable(ref: str, what: str, how: str, error: BaseException | None = None) -> ModelUnavailable:
+    """The error to raise for a model that cannot be had; a full disk is raised as :class:`DiskFull` instead."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        # not a missing model: say so, instead of advice about downloading it
+        raise DiskFull(error.errno, f"The disk is full: {what} '{ref}' could not be downloaded ({error}). Free "
+                       "some space in the Hugging Face cache (HF_HOME) or the models folder and try again.") from error
     detail = f" ({type(error).__name__}: {error})" if error is not None else ""
     return ModelUnavailable(f"{what} '{ref}' is not available{detail}. {how}")
 
@@ -504,10 +515,38 @@ def convert_body_pose(pth: Path, out: Path, ref: str = "", progress: ProgressFn 
 # --------------------------------------------------------------------------------------------
 
 
+def _converted_earlier(cache_root: Path, folder_kind: str, ref: str, revision: Optional[str]) -> Optional[Path]:
+    """The newest complete IR folder converted from hub model ``ref`` (at ``revision`` when given) by these
+    converter versions, or None. Used when the hub snapshot cannot be resolved (offline, with the
+    Hugging Face cache cleaned), so that a model converted once keeps working."""
+    if _is_local(ref) or not _looks_like_hub_id(ref):
+        return None
+    rev = slug(revision)[:40] if revision else "*"
+    found = []
+    for folder in (Path(cache_root) / folder_kind).glob(f"{slug(ref)}--{rev}--{versions_key()}--{PRECISION}"):
+        try:
+            marker = json.loads((folder / READY_MARKER).read_text())
+        except (OSError, ValueError):  # not complete
+            continue
+        if marker.get("model") == ref:  # not another model whose name starts the same
+            found.append((marker.get("created", ""), folder))
+    return max(found)[1] if found else None
+
+
 def _convert_once(cache_root: Path, cache: Optional[AtomicFolderCache], folder_kind: str, kind: str,
-                  resolved: ResolvedModel, ref: str, convert, progress: ProgressFn) -> Path:
-    """The cached IR folder of ``resolved`` made by ``convert(source, tmp, ref=, progress=)``, built once
-    (atomically, in a temporary folder renamed into place) with a marker describing it."""
+                  ref: str, revision: Optional[str], resolve, convert, progress: ProgressFn) -> Path:
+    """The cached IR folder of the model ``resolve()`` pins, made by ``convert(source, tmp, ref=, progress=)``,
+    built once (atomically, in a temporary folder renamed into place) with a marker describing it.
+
+    When ``resolve`` cannot pin a hub model, a folder converted earlier from it is returned instead."""
+    try:
+        resolved = resolve()
+    except ModelUnavailable:
+        earlier = _converted_earlier(cache_root, folder_kind, ref, revision)
+        if earlier is None:
+            raise
+        log.info("%s cannot be resolved on the hub now; using its earlier conversion %s", ref, earlier)
+        return earlier
     cache = cache or AtomicFolderCache(Path(cache_root))
     return cache.get_or_build(
         _cache_folder(cache_root, folder_kind, resolved),
@@ -526,12 +565,15 @@ def ensure_sd15(
     cache: Optional[AtomicFolderCache] = None,
 ) -> Path:
     """Return the IR folder for SD1.5 checkpoint ``ref`` (a diffusers folder or hub id), converting once."""
-    resolved = resolve_snapshot(
-        ref, what="Stable Diffusion model", how=_sd_how(ref), allow_patterns=SD_ALLOW_PATTERNS,
-        revision=revision, local_files_only=local_files_only,
-    )
-    _check_sd_folder(resolved.path, ref)
-    return _convert_once(cache_root, cache, "sd15", "sd15", resolved, ref, convert_sd15, progress)
+    def resolve() -> ResolvedModel:
+        resolved = resolve_snapshot(
+            ref, what="Stable Diffusion model", how=_sd_how(ref), allow_patterns=SD_ALLOW_PATTERNS,
+            revision=revision, local_files_only=local_files_only,
+        )
+        _check_sd_folder(resolved.path, ref)
+        return resolved
+
+    return _convert_once(cache_root, cache, "sd15", "sd15", ref, revision, resolve, convert_sd15, progress)
 
 
 def ensure_controlnet(
@@ -544,13 +586,17 @@ def ensure_controlnet(
     cache: Optional[AtomicFolderCache] = None,
 ) -> Path:
     """Return the IR folder for ControlNet ``ref`` (a folder or hub id), converting once."""
-    resolved = resolve_snapshot(
-        ref, what="ControlNet", how=_controlnet_how(ref), allow_patterns=CONTROLNET_ALLOW_PATTERNS,
-        revision=revision, local_files_only=local_files_only,
-    )
-    if not (resolved.path / "config.json").is_file():
-        raise _unavailable(ref, "ControlNet", f"Its folder {resolved.path} has no config.json. {_controlnet_how(ref)}")
-    return _convert_once(cache_root, cache, "controlnet", "controlnet", resolved, ref, convert_controlnet, progress)
+    def resolve() -> ResolvedModel:
+        resolved = resolve_snapshot(
+            ref, what="ControlNet", how=_controlnet_how(ref), allow_patterns=CONTROLNET_ALLOW_PATTERNS,
+            revision=revision, local_files_only=local_files_only,
+        )
+        if not (resolved.path / "config.json").is_file():
+            raise _unavailable(ref, "ControlNet", f"Its folder {resolved.path} has no config.json. {_controlnet_how(ref)}")
+        return resolved
+
+    return _convert_once(cache_root, cache, "controlnet", "controlnet", ref, revision, resolve, convert_controlnet,
+                         progress)
 
 
 def ensure_body_pose(
@@ -563,8 +609,9 @@ def ensure_body_pose(
     cache: Optional[AtomicFolderCache] = None,
 ) -> Path:
     """Return the IR folder for the OpenPose body network (``body_pose_model.pth``), converting once."""
-    resolved = resolve_pose_file(ref, revision=revision, local_files_only=local_files_only)
-    return _convert_once(cache_root, cache, "openpose", "openpose-body", resolved, ref, convert_body_pose, progress)
+    return _convert_once(cache_root, cache, "openpose", "openpose-body", ref, revision,
+                         lambda: resolve_pose_file(ref, revision=revision, local_files_only=local_files_only),
+                         convert_body_pose, progress)
 
 
 def int8_folder(cache_root: Path, sd_folder: Path, controlnet_folder: Path, calibration_key: str) -> Path:

