@@ -1,7 +1,8 @@
 """Atomic, version-keyed folders under the models cache.
 
 Every converted model lives in a folder that is either complete or absent: a builder writes into a
-temporary sibling folder, a marker file is written last, and the folder is renamed into place. A
+temporary sibling folder, a marker file is written last, everything is flushed to disk (``fsync``),
+and the folder is renamed into place. A
 crash mid-build leaves only a ``.tmp-*`` folder, which no lookup ever returns and which the next
 build of the same key sweeps away. Builds of one key are serialised across threads (a lock per key)
 and across processes (an ``fcntl`` lock file), so a model is converted once even when several
@@ -71,6 +72,22 @@ def folder_fingerprint(folder: Path) -> str:
     return h.hexdigest()[:12]
 
 
+def _fsync_path(path: Path | str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file under ``folder``, and the folders' entries, to the disk."""
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            _fsync_path(os.path.join(parent, name))
+        _fsync_path(parent)
+
+
 class AtomicFolderCache:
     """Get-or-build for folders under ``root``, complete or absent, built once."""
 
@@ -131,7 +148,9 @@ class AtomicFolderCache:
                     **extra,
                 }
                 (tmp / READY_MARKER).write_text(json.dumps(marker, indent=2))
+                _fsync_tree(tmp)  # on disk before it is named ready: a power cut cannot leave it half-written
                 os.rename(tmp, folder)
+                _fsync_path(folder.parent)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise

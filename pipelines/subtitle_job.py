@@ -55,7 +55,13 @@ def make_subtitles(
     work_dir: Path,
     progress: ProgressFn = no_progress,
     yt_factory: Callable[[str], Any] = youtube.YouTube,
+    keep_audio: bool = False,
 ) -> SubtitleResult:
+    """Subtitles for ``request``'s video, written under ``work_dir``.
+
+    The extracted WAV (about 115 MB per hour) and a downloaded audio-only stream are deleted once
+    transcribed, unless ``keep_audio`` (the caller transcribes the WAV again, then deletes it).
+    """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     info = None
@@ -85,8 +91,14 @@ def make_subtitles(
         raise SubtitleInputError(f"The video is {probe.duration / 60:.0f} minutes long; this server accepts up "
                                  f"to {request.max_seconds / 60:.0f} minutes.")
     wav = video.extract_audio(media, work_dir / "audio.wav")
+    if media != player:  # a downloaded audio-only stream: its samples are in the WAV now
+        media.unlink(missing_ok=True)
     # 3. transcript, window by window
-    transcript = whisper.transcribe_file(wav, request.choice, request.options, scaled(progress, 0.3, 0.9))
+    try:
+        transcript = whisper.transcribe_file(wav, request.choice, request.options, scaled(progress, 0.3, 0.9))
+    finally:
+        if not keep_audio:
+            wav.unlink(missing_ok=True)
     # 4. readable cues and the files to download
     progress(0.9, "write subtitles")
     stem = _stem(info, media)

@@ -250,6 +250,7 @@ def test_subtitles_compare_extracts_the_audio_once_and_times_both(svc, tiny, qui
         "", str(quiet_video), tiny, "CPU", "transcribe", "auto", 42, 6, progress=progress)
     assert len(extracted) == 1
     assert [p for p, _ in used] == ["fp16", "int8"] and used[0][1] == used[1][1]  # the same audio file
+    assert not used[0][1].exists()  # deleted once both runs are done
     assert fp16 == int8 == "" and fp16_seconds >= 0 and int8_seconds >= 0
     assert summary.startswith("FP16 ") and "INT8 " in summary and "Both runs heard no speech." in summary
     assert [Path(f).name for f in files] == ["quiet.fp16.srt", "quiet.fp16.vtt", "quiet.int8.srt", "quiet.int8.vtt"]

@@ -284,3 +284,28 @@ def test_concurrent_requests_build_once(tmp_path):
     for t in threads:
         t.join()
     assert len(calls) == 1 and results == [target] * 4
+
+
+def test_every_file_is_on_disk_before_the_folder_is_named_ready(tmp_path, monkeypatch):
+    """A power cut after the rename must not leave a 'ready' folder whose files were still in the page cache."""
+    import os
+
+    from pipelines import cache as cache_module
+
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+    monkeypatch.setattr(cache_module.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(
+        f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
+    monkeypatch.setattr(cache_module.os, "rename", lambda a, b: (events.append(("rename", str(b))), real_rename(a, b))[1])
+    target = tmp_path / "m" / "fp16-x"
+
+    def build(tmp: Path):
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "model.bin").write_bytes(b"weights")
+        (tmp / "model.xml").write_text("<net/>")
+
+    AtomicFolderCache(tmp_path).get_or_build(target, build)
+    renamed = events.index(("rename", str(target)))
+    flushed = {Path(path).name for kind, path in events[:renamed] if kind == "fsync"}
+    assert {"model.bin", "model.xml", READY_MARKER, "sub"} <= flushed
+    assert ("fsync", str(target.parent)) in events[renamed:]

@@ -310,6 +310,7 @@ def test_silent_video_gives_no_subtitles_and_no_copies(services, tiny_whisper_hf
     assert "No speech was found" in " ".join(result.notes)
     assert "burned" not in result.files and "muxed" not in result.files
     assert pysubs2.load(str(result.files["srt"]), format_="srt").events == []
+    assert not (tmp_path / "audio.wav").exists()  # transcribed, then deleted
 
 
 # --------------------------------------------------------------------------- YouTube through the tab
@@ -343,6 +344,9 @@ def test_youtube_link_to_subtitles_end_to_end(services, media):
     # the player shows the downloaded preview with the WebVTT subtitles
     preview = next(p for p in downloaded if p.suffix == ".mp4")
     assert player["value"] == str(preview)
+    # the audio-only stream and the extracted WAV were only needed for transcribing: not kept
+    audio = next(p for p in downloaded if p.suffix == ".m4a")
+    assert preview.is_file() and not audio.exists() and not (audio.parent / "audio.wav").exists()
     assert player["subtitles"].endswith(".vtt") and player["subtitles"] in files
     names = [Path(f).name.replace("_", " ") for f in files]  # files are named after the video's title
     assert names == ["A test video.srt", "A test video.vtt", "A test video.subtitled.mp4",

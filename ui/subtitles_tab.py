@@ -173,18 +173,22 @@ def make_subtitles_compare_handler(services: Services, yt_factory=youtube.YouTub
         """
         report = progress_fn(progress)
         work_dir = request_dir("subtitles-compare")
+        first = _TimedWhisper(services.whisper, "FP16")
         try:
             request = _request(services, url, video_file, model, "fp16", device, task, language, max_line_chars,
                                max_duration)
             int8_choice = replace(request.choice, precision="int8")
-            first = _TimedWhisper(services.whisper, "FP16")
-            result = subtitle_job.make_subtitles(first, request, work_dir, part_of(report, 0.0, 0.5), yt_factory)
+            result = subtitle_job.make_subtitles(first, request, work_dir, part_of(report, 0.0, 0.5), yt_factory,
+                                                 keep_audio=True)  # the INT8 run transcribes the same WAV
             second = compare_precisions(
                 lambda p, part: load_whisper(services.whisper, int8_choice, part),
                 lambda p, part: services.whisper.transcribe_file(first.wav, int8_choice, request.options, part),
                 part_of(report, 0.5, 1.0), precisions=("int8",))
         except USER_ERRORS as exc:
             raise gr.Error(_message(exc)) from exc
+        finally:
+            if first.wav is not None:
+                first.wav.unlink(missing_ok=True)
         runs = [first.run, *second]
         stem = Path(result.files["srt"]).stem
         fp16_files = [result.files[k].rename(result.files[k].with_name(f"{stem}.fp16.{k}")) for k in ("srt", "vtt")]
