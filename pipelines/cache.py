@@ -10,6 +10,7 @@ requests ask for it together.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -72,10 +73,15 @@ def folder_fingerprint(folder: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def _fsync_path(path: Path | str) -> None:
+def _fsync_path(path: Path | str, folder: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        # some file systems (CIFS, 9p, some FUSE mounts) cannot fsync a folder: its entries are then
+        # as durable as that file system makes them, and the build goes on
+        if not folder or exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
+            raise
     finally:
         os.close(fd)
 
@@ -85,7 +91,7 @@ def _fsync_tree(folder: Path) -> None:
     for parent, _, files in os.walk(folder):
         for name in files:
             _fsync_path(os.path.join(parent, name))
-        _fsync_path(parent)
+        _fsync_path(parent, folder=True)
 
 
 class AtomicFolderCache:
@@ -150,10 +156,10 @@ class AtomicFolderCache:
                 (tmp / READY_MARKER).write_text(json.dumps(marker, indent=2))
                 _fsync_tree(tmp)  # on disk before it is named ready: a power cut cannot leave it half-written
                 os.rename(tmp, folder)
-                _fsync_path(folder.parent)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
+            _fsync_path(folder.parent, folder=True)  # the new name
         return folder
 
     def describe(self, folder: Path) -> dict:

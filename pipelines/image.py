@@ -830,9 +830,11 @@ class ImageService:
         controlnet_ref: Optional[str] = None,
         precision: str = "fp16",
         progress: ProgressFn = no_progress,
+        before_quantizing: Callable[[], None] = lambda: None,
     ) -> dict[str, Path]:
         """Convert (and for INT8 quantize) these models once; their cached folders, nothing loaded.
 
+        ``before_quantizing`` runs only when the INT8 models have to be made.
         Returns ``{"sd", "controlnet"}`` (the FP16 IR folders), ``"int8"`` for INT8, and the
         ``"unet_xml"`` / ``"controlnet_xml"`` files the pipeline will run.
         """
@@ -853,6 +855,7 @@ class ImageService:
             int8 = ensure_sd_int8(
                 self.cache_root, sd_folder, cn_folder, calibration=self.calibration, ov_config=self.ov_config,
                 cache=self._cache, progress=lambda f, m: progress(share + (0.95 - share) * f, m),
+                before_quantizing=before_quantizing,
             )
             folders.update(int8=int8, unet_xml=int8 / UNET_IR, controlnet_xml=int8 / CONTROLNET_IR)
         return folders
@@ -880,10 +883,10 @@ class ImageService:
             if pipeline is not None:
                 return pipeline
             sd, cn, dev, precision = key
-            # Make room first: converting, and above all quantizing (which runs an FP16 pipeline of its
-            # own to gather calibration data), must not hold the pipeline this one replaces in memory too.
-            self._release_oldest(keep=self.max_loaded - 1)
-            folders = self.model_folders(sd, cn, precision, progress=progress)
+            # Quantizing runs an FP16 pipeline of its own (calibration) and NNCF: the pipeline this one
+            # replaces is released first, so that the two never sit in memory together.
+            folders = self.model_folders(sd, cn, precision, progress=progress,
+                                         before_quantizing=lambda: self._release_oldest(keep=self.max_loaded - 1))
             if self._core is None:
                 import openvino as ov
 

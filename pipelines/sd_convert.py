@@ -35,7 +35,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .cache import READY_MARKER, AtomicFolderCache, DiskFull, ProgressFn, folder_fingerprint, no_progress, slug, versions_key
 
@@ -104,11 +104,20 @@ def _file_fingerprint(path: Path) -> str:
     return hashlib.sha1(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
 
 
+def _disk_full(error: BaseException | None) -> bool:
+    """Whether ``error`` says the disk is full: an errno, or only the message (hf_xet's Rust errors)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error).lower()
+    return error is not None and ("no space left on device" in text or "os error 28" in text
+                                  or "disk quota exceeded" in text)
+
+
 def _unavailable(ref: str, what: str, how: str, error: BaseException | None = None) -> ModelUnavailable:
     """The error to raise for a model that cannot be had; a full disk is raised as :class:`DiskFull` instead."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+    if _disk_full(error):
         # not a missing model: say so, instead of advice about downloading it
-        raise DiskFull(error.errno, f"The disk is full: {what} '{ref}' could not be downloaded ({error}). Free "
+        raise DiskFull(errno.ENOSPC, f"The disk is full: {what} '{ref}' could not be downloaded ({error}). Free "
                        "some space in the Hugging Face cache (HF_HOME) or the models folder and try again.") from error
     detail = f" ({type(error).__name__}: {error})" if error is not None else ""
     return ModelUnavailable(f"{what} '{ref}' is not available{detail}. {how}")
@@ -533,21 +542,40 @@ def _converted_earlier(cache_root: Path, folder_kind: str, ref: str, revision: O
     return max(found)[1] if found else None
 
 
+def _hub_commit(ref: str, revision: Optional[str]) -> Optional[str]:
+    """The commit hub model ``ref`` is at now (one API call, no download); None when the hub cannot say."""
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(ref, revision=revision).sha
+    except Exception:  # noqa: BLE001 - offline, unreachable, gated, no such repo: the caller decides
+        return None
+
+
 def _convert_once(cache_root: Path, cache: Optional[AtomicFolderCache], folder_kind: str, kind: str,
-                  ref: str, revision: Optional[str], resolve, convert, progress: ProgressFn) -> Path:
+                  ref: str, revision: Optional[str], local_files_only: bool, resolve, convert,
+                  progress: ProgressFn) -> Path:
     """The cached IR folder of the model ``resolve()`` pins, made by ``convert(source, tmp, ref=, progress=)``,
     built once (atomically, in a temporary folder renamed into place) with a marker describing it.
 
-    When ``resolve`` cannot pin a hub model, a folder converted earlier from it is returned instead."""
+    A hub model converted earlier is not downloaded again (its Hugging Face cache may have been cleaned
+    to save space): when the hub says it is still at the converted commit, or cannot be asked
+    (offline), or the download fails, the earlier conversion is used."""
+    cache = cache or AtomicFolderCache(Path(cache_root))
+    earlier = _converted_earlier(cache_root, folder_kind, ref, revision)
+    if earlier is not None and not local_files_only:
+        commit = _hub_commit(ref, revision)
+        current = earlier if commit is None else _cache_folder(
+            cache_root, folder_kind, ResolvedModel(ref, Path(), commit, "hub"))
+        if cache.ready(current):
+            return current
     try:
         resolved = resolve()
-    except ModelUnavailable:
-        earlier = _converted_earlier(cache_root, folder_kind, ref, revision)
+    except (ModelUnavailable, DiskFull):
         if earlier is None:
             raise
-        log.info("%s cannot be resolved on the hub now; using its earlier conversion %s", ref, earlier)
+        log.info("%s cannot be had from the hub now; using its earlier conversion %s", ref, earlier)
         return earlier
-    cache = cache or AtomicFolderCache(Path(cache_root))
     return cache.get_or_build(
         _cache_folder(cache_root, folder_kind, resolved),
         lambda tmp: convert(resolved.path, tmp, ref=ref, progress=progress),
@@ -573,7 +601,8 @@ def ensure_sd15(
         _check_sd_folder(resolved.path, ref)
         return resolved
 
-    return _convert_once(cache_root, cache, "sd15", "sd15", ref, revision, resolve, convert_sd15, progress)
+    return _convert_once(cache_root, cache, "sd15", "sd15", ref, revision, local_files_only, resolve, convert_sd15,
+                         progress)
 
 
 def ensure_controlnet(
@@ -595,8 +624,8 @@ def ensure_controlnet(
             raise _unavailable(ref, "ControlNet", f"Its folder {resolved.path} has no config.json. {_controlnet_how(ref)}")
         return resolved
 
-    return _convert_once(cache_root, cache, "controlnet", "controlnet", ref, revision, resolve, convert_controlnet,
-                         progress)
+    return _convert_once(cache_root, cache, "controlnet", "controlnet", ref, revision, local_files_only, resolve,
+                         convert_controlnet, progress)
 
 
 def ensure_body_pose(
@@ -609,7 +638,7 @@ def ensure_body_pose(
     cache: Optional[AtomicFolderCache] = None,
 ) -> Path:
     """Return the IR folder for the OpenPose body network (``body_pose_model.pth``), converting once."""
-    return _convert_once(cache_root, cache, "openpose", "openpose-body", ref, revision,
+    return _convert_once(cache_root, cache, "openpose", "openpose-body", ref, revision, local_files_only,
                          lambda: resolve_pose_file(ref, revision=revision, local_files_only=local_files_only),
                          convert_body_pose, progress)
 
@@ -630,6 +659,7 @@ def ensure_sd_int8(
     ov_config: Optional[dict] = None,
     progress: ProgressFn = no_progress,
     cache: Optional[AtomicFolderCache] = None,
+    before_quantizing: Callable[[], None] = lambda: None,
 ) -> Path:
     """Return the folder with the INT8 ``unet.xml`` and ``controlnet.xml`` for FP16 IR folders
     ``sd_folder`` + ``controlnet_folder`` (made by :func:`ensure_sd15` / :func:`ensure_controlnet`),
@@ -639,6 +669,7 @@ def ensure_sd_int8(
     (the UNet's inputs include the ControlNet's residuals). ``calibration`` is a
     :class:`pipelines.quantize.SDCalibration` (default: from the environment). The marker file
     records the method, the number of calibration samples and where the prompts and poses came from.
+    ``before_quantizing`` runs only when quantization has to run (e.g. to free memory for it).
     """
     from . import quantize
 
@@ -651,6 +682,7 @@ def ensure_sd_int8(
     folder = int8_folder(cache_root, sd_folder, controlnet_folder, data.key)
 
     def build(tmp: Path) -> dict:
+        before_quantizing()
         facts = quantize.quantize_sd_int8(sd_folder, controlnet_folder, tmp, settings, data=data,
                                           ov_config=ov_config, progress=progress)
         (tmp / PIPELINE_JSON).write_text(json.dumps({

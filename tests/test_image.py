@@ -156,8 +156,9 @@ def test_hub_model_converted_earlier_works_offline(tmp_path, ir_folders, monkeyp
     was cleaned: its IR folder in the models cache is used, not an error."""
     from pipelines.cache import READY_MARKER
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # (conftest sets it too) and the HF cache has no such model
     ref = "someone/sd15-converted-online"
     earlier = {}
     for kind, convert_kind, source in (("sd15", "sd15", ir_folders["sd"]),
@@ -181,6 +182,22 @@ def test_hub_model_converted_earlier_works_offline(tmp_path, ir_folders, monkeyp
     with pytest.raises(sd_convert.ModelUnavailable):  # a revision asked for explicitly must match
         sd_convert.ensure_sd15(tmp_path / "cache", ref, revision="feedbeef" * 5)
 
+    # Online, with the Hugging Face cache cleaned: while the hub is still at the converted commit,
+    # nothing is downloaded again; a new commit is downloaded (here the download fails: the earlier one serves).
+    downloads = []
+
+    def snapshot_download(repo_id, *args, **kwargs):
+        downloads.append(repo_id)
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    commit = {"sha": "0123abcd" * 5}
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info",
+                        lambda self, repo_id, revision=None, **kw: type("Info", (), dict(commit))())
+    assert sd_convert.ensure_sd15(tmp_path / "cache", ref) == earlier["sd15"] and downloads == []
+    commit["sha"] = "99999999" * 5
+    assert sd_convert.ensure_sd15(tmp_path / "cache", ref) == earlier["sd15"] and downloads == [ref]
+
 
 def test_full_disk_is_not_reported_as_a_missing_model(tmp_path, monkeypatch):
     import errno
@@ -195,6 +212,13 @@ def test_full_disk_is_not_reported_as_a_missing_model(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", full)
     with pytest.raises(DiskFull, match="disk is full.*Free some space"):
         sd_convert.ensure_sd15(tmp_path, "someone/sd15")
+
+    def xet_full(*args, **kwargs):  # hf_xet's errors carry the OS message, not an errno
+        raise RuntimeError("Data processing error: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", xet_full)
+    with pytest.raises(DiskFull, match="disk is full"):
+        sd_convert.ensure_controlnet(tmp_path, "someone/controlnet")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,26 +423,34 @@ def test_service_loads_once_and_serves_concurrent_requests(cache_root, tiny_mode
     assert service.loaded() == [] and not pipes[0].is_compiled
 
 
-def test_the_pipeline_being_replaced_is_released_before_the_new_one_is_made(cache_root, tiny_models, ir_folders,
-                                                                           monkeypatch):
-    """Converting, and above all quantizing (an FP16 pipeline of its own plus NNCF), never runs while the
-    pipeline it replaces still holds its compiled models."""
+def test_the_pipeline_being_replaced_is_released_before_quantizing_and_kept_after_a_bad_request(
+        cache_root, tiny_models, ir_folders, monkeypatch):
+    """Quantizing (an FP16 pipeline of its own plus NNCF) never runs while the pipeline it replaces still
+    holds its compiled models; a request for a model that cannot be had leaves the loaded one alone."""
+    from pipelines import quantize
+
     sd, cn = str(tiny_models["sd"]), str(tiny_models["controlnet"])
-    service = ImageService(cache_root, sd_model=sd, controlnet_model=cn, ov_config=F32, max_loaded=1)
+    calibration = quantize.SDCalibration(subset_size=3, steps=2, width=128, height=128)  # a key no other test makes
+    service = ImageService(cache_root, sd_model=sd, controlnet_model=cn, ov_config=F32, max_loaded=1,
+                           calibration=calibration, local_files_only=True)
     first = service.get_pipeline().compile(128, 128)
-    assert first.is_compiled
+    with pytest.raises(sd_convert.ModelUnavailable, match="no-such-owner/no-such-sd15"):
+        service.get_pipeline("no-such-owner/no-such-sd15")
+    assert service.loaded() == [(sd, cn, "CPU")] and first.is_compiled
+
+    class Stop(Exception):
+        pass
+
     seen = []
-    real = service.model_folders
 
     def spy(*args, **kwargs):
         seen.append((service.loaded(), first.is_compiled))
-        return real(*args, **kwargs)
+        raise Stop  # what was loaded while quantizing is all this test needs
 
-    monkeypatch.setattr(service, "model_folders", spy)
-    other = sd + "/"  # another reference (another key) to the same files
-    service.get_pipeline(other)
+    monkeypatch.setattr(quantize, "quantize_sd_int8", spy)
+    with pytest.raises(Stop):
+        service.get_pipeline(precision="int8")
     assert seen == [([], False)]
-    assert service.loaded() == [(other, cn, "CPU")]
     service.release()
 
 

@@ -309,3 +309,23 @@ def test_every_file_is_on_disk_before_the_folder_is_named_ready(tmp_path, monkey
     flushed = {Path(path).name for kind, path in events[:renamed] if kind == "fsync"}
     assert {"model.bin", "model.xml", READY_MARKER, "sub"} <= flushed
     assert ("fsync", str(target.parent)) in events[renamed:]
+
+
+def test_a_file_system_that_cannot_fsync_folders_still_gets_its_models(tmp_path, monkeypatch):
+    import errno
+    import os
+    import stat
+
+    from pipelines import cache as cache_module
+
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):  # as on CIFS or 9p mounts
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(cache_module.os, "fsync", fsync)
+    target = tmp_path / "m" / "fp16-x"
+    built = AtomicFolderCache(tmp_path).get_or_build(target, lambda tmp: (tmp / "model.bin").write_bytes(b"ok") and None)
+    assert (built / "model.bin").read_bytes() == b"ok"

@@ -59,13 +59,13 @@ class _TimedWhisper:
         self.wav: Optional[Path] = None
 
     def transcribe_file(self, wav_path, choice, options, progress):
+        self.wav = Path(wav_path)  # first: the caller deletes it however the run ends
         report = part_of(progress, 0.0, 1.0, self.label)
         started = time.perf_counter()
         load_whisper(self.whisper, choice, report)
         loaded = time.perf_counter()
         transcript = self.whisper.transcribe_file(wav_path, choice, options, report)
         self.run = PrecisionRun(choice.precision, transcript, time.perf_counter() - loaded, loaded - started)
-        self.wav = Path(wav_path)
         return transcript
 
 
