@@ -361,24 +361,29 @@ class _Scratch:
         """Remove the scratch folders no living process uses; the removed folders."""
         removed = []
         for folder in Path(root).glob(cls.PREFIX + "*"):
-            try:
-                if time.time() - folder.stat().st_mtime < cls.GRACE_SECONDS:
-                    continue
-                fd = os.open(folder / cls.LOCK_FILE, os.O_RDONLY)
-            except FileNotFoundError:  # gone, or made before locks were used: no one holds it
-                fd = None
-            try:
-                if fd is not None:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # in use
-            finally:
-                if fd is not None:
-                    os.close(fd)
+            if cls._in_use(folder):
+                continue
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
             log.info("removed %s, left by a conversion that did not finish", folder)
         return removed
+
+    @classmethod
+    def _in_use(cls, folder: Path) -> bool:
+        """Whether a living process holds ``folder`` (or may be about to: it is younger than the grace time)."""
+        try:
+            if time.time() - folder.stat().st_mtime < cls.GRACE_SECONDS:
+                return True
+            fd = os.open(folder / cls.LOCK_FILE, os.O_RDONLY)
+        except FileNotFoundError:  # gone, or made before locks were used: no one holds it
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
 
 
 def describe_source(resolved: Optional[ResolvedModel]) -> str:

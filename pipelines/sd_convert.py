@@ -18,11 +18,11 @@ versions and precision:
 
 All shapes but the channel counts are dynamic (batch, height, width; the text length too). Weights
 are read from safetensors only (``use_safetensors=True``); the OpenPose ``.pth`` is read with
-``torch.load(weights_only=True)``. Hub references are resolved to a local snapshot first
-(``local_files_only`` honoured); when that fails (offline, with the Hugging Face cache cleaned) an
-IR folder converted earlier from the same hub model is used. A model that cannot be found raises
-:class:`ModelUnavailable` with what to do about it; a full disk is reported as such. Nothing heavy
-is imported at module import time.
+``torch.load(weights_only=True)``. Hub references are resolved to a local snapshot
+(``local_files_only`` honoured), except that a hub model converted earlier is not downloaded again
+while the hub is at the converted commit, cannot be reached, or the download fails (see
+``_convert_once``). A model that cannot be found raises :class:`ModelUnavailable` with what to do
+about it; a full disk is reported as such. Nothing heavy is imported at module import time.
 """
 from __future__ import annotations
 
@@ -106,11 +106,12 @@ def _file_fingerprint(path: Path) -> str:
 
 def _disk_full(error: BaseException | None) -> bool:
     """Whether ``error`` says the disk is full: an errno, or only the message (hf_xet's Rust errors)."""
+    if error is None:
+        return False
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(error).lower()
-    return error is not None and ("no space left on device" in text or "os error 28" in text
-                                  or "disk quota exceeded" in text)
+    return "no space left on device" in text or "os error 28" in text or "disk quota exceeded" in text
 
 
 def _unavailable(ref: str, what: str, how: str, error: BaseException | None = None) -> ModelUnavailable:
@@ -526,8 +527,7 @@ def convert_body_pose(pth: Path, out: Path, ref: str = "", progress: ProgressFn 
 
 def _converted_earlier(cache_root: Path, folder_kind: str, ref: str, revision: Optional[str]) -> Optional[Path]:
     """The newest complete IR folder converted from hub model ``ref`` (at ``revision`` when given) by these
-    converter versions, or None. Used when the hub snapshot cannot be resolved (offline, with the
-    Hugging Face cache cleaned), so that a model converted once keeps working."""
+    converter versions, or None: what ``_convert_once`` uses instead of downloading the model again."""
     if _is_local(ref) or not _looks_like_hub_id(ref):
         return None
     rev = slug(revision)[:40] if revision else "*"
