@@ -7,6 +7,7 @@ hour of audio never has to sit in memory at once.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -100,20 +101,36 @@ def load_audio(path: Path | str, max_seconds: Optional[float] = None) -> np.ndar
     return check_audio(audio, Path(path).name)
 
 
-def duration_text(seconds: float) -> str:
-    """'3 hours', '90 minutes', '45 seconds': a limit or a length as people say it."""
+def duration_text(seconds: float, above: Optional[float] = None) -> str:
+    """'3 hours', '90 minutes', '45 seconds': a limit or a length as people say it.
+
+    ``above``: a limit the length is over; rounding never makes it read as the limit or less
+    (180.3 minutes over 3 hours read "181 minutes", 200 s over a minute "3 minutes").
+    """
     if seconds >= 2 * 3600 and seconds % 3600 == 0:
         return f"{seconds / 3600:.0f} hours"
-    if seconds >= 120:
-        return f"{seconds / 60:.0f} minutes"
-    return f"{seconds:.0f} seconds"
+    unit, name = (60, "minutes") if seconds >= 120 else (1, "seconds")
+    count = round(seconds / unit)
+    if above is not None and count * unit <= above:
+        count = math.ceil(seconds / unit)
+    return f"{count} {name}"
+
+
+def too_long(what: str, seconds: Optional[float], max_seconds: float, at_least: bool = False) -> Optional[str]:
+    """"The video is 181 minutes long; this server accepts up to 3 hours." or None when it fits.
+
+    ``at_least``: only a lower bound of the length is known (decoding stopped at the limit).
+    """
+    if not seconds or seconds <= max_seconds:
+        return None
+    length = f"more than {duration_text(max_seconds)}" if at_least else duration_text(seconds, above=max_seconds)
+    return f"{what} is {length} long; this server accepts up to {duration_text(max_seconds)}."
 
 
 def _refuse_longer(seconds: float, max_seconds: float, at_least: bool = False) -> None:
-    if seconds > max_seconds:
-        length = f"more than {duration_text(max_seconds)}" if at_least else duration_text(seconds)
-        raise AudioError(f"The audio is {length} long; this server accepts up to {duration_text(max_seconds)}. "
-                         "Cut it into parts.")
+    message = too_long("The audio", seconds, max_seconds, at_least)
+    if message:
+        raise AudioError(f"{message} Cut it into parts.")
 
 
 def from_array(sample_rate: int, data: np.ndarray) -> np.ndarray:

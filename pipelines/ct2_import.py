@@ -813,9 +813,13 @@ def materialise_bundled(name: str, out_dir: PathLike) -> Path:
 
 
 def convert_bundled(name: str, out_dir: PathLike, dtype: str = "float32") -> Path:
-    """Materialise the bundled checkpoint ``name`` in a temporary folder and convert it to ``out_dir``."""
+    """Materialise the bundled checkpoint ``name`` in a temporary folder and convert it to ``out_dir``.
+
+    The temporary copy goes to the system temp dir, not beside ``out_dir``: a killed process leaves
+    it where the OS cleans up, not in a models folder. (The app's model store converts through its
+    own scratch folders; this is for benchmarks and tests.)
+    """
     model = _bundled(name)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".ct2-", dir=out_dir.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix="voice-studio-ct2-") as tmp:
         return convert_ct2_to_hf(model.materialise(Path(tmp)), out_dir, dtype=dtype)

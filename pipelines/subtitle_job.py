@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import video, youtube
+from . import audio, video, youtube
 from .asr import WhisperService
 from .cache import ProgressFn, no_progress
 from .subtitles import Cue, CueRules, make_cues, write_outputs
@@ -44,6 +44,12 @@ class SubtitleInputError(ValueError):
     """The request names no usable source; the message says what to do."""
 
 
+def _refuse_longer(seconds: Optional[float], max_seconds: float) -> None:
+    message = audio.too_long("The video", seconds, max_seconds)
+    if message:
+        raise SubtitleInputError(message)
+
+
 def scaled(progress: ProgressFn, lo: float, hi: float) -> ProgressFn:
     """A progress callback mapping 0..1 of one step onto lo..hi of the whole job."""
     return lambda fraction, message: progress(lo + (hi - lo) * max(0.0, min(1.0, fraction)), message)
@@ -70,9 +76,7 @@ def make_subtitles(
         url = youtube.normalize_youtube_url(request.url)  # raises for any non-YouTube link
         progress(0.0, "read video details")
         info = youtube.fetch_info(url, yt_factory=yt_factory)
-        if info.length_seconds and info.length_seconds > request.max_seconds:
-            raise SubtitleInputError(f"The video is {info.length_seconds / 60:.0f} minutes long; this server "
-                                     f"accepts up to {request.max_seconds / 60:.0f} minutes.")
+        _refuse_longer(info.length_seconds, request.max_seconds)
         media = youtube.download_audio(url, work_dir, yt_factory=yt_factory,
                                        progress=lambda f: progress(0.02 + 0.18 * f, "download audio"))
         try:
@@ -87,9 +91,7 @@ def make_subtitles(
     # 2. its audio track as 16 kHz mono WAV
     progress(0.25, "extract audio")
     probe = video.probe(media)
-    if probe.duration and probe.duration > request.max_seconds:
-        raise SubtitleInputError(f"The video is {probe.duration / 60:.0f} minutes long; this server accepts up "
-                                 f"to {request.max_seconds / 60:.0f} minutes.")
+    _refuse_longer(probe.duration, request.max_seconds)
     wav = video.extract_audio(media, work_dir / "audio.wav")
     if media != player:  # a downloaded audio-only stream: its samples are in the WAV now
         media.unlink(missing_ok=True)

@@ -48,6 +48,17 @@ def test_gradio_cache_of_uploads_and_served_files_is_swept_like_the_outputs(demo
     assert demo.delete_cache == (3600, 24 * 3600)  # VOICE_STUDIO_KEEP_OUTPUTS_HOURS default: 24 h
     monkeypatch.setenv("VOICE_STUDIO_KEEP_OUTPUTS_HOURS", "0.25")
     assert build_app(services).delete_cache == (900, 900)
+    # a near-zero lifetime would sweep non-stop and delete results before their download link is clicked
+    monkeypatch.setenv("VOICE_STUDIO_KEEP_OUTPUTS_HOURS", "0.0001")
+    assert build_app(services).delete_cache == (600, 600)
+
+
+@pytest.mark.parametrize("value, hours", [("", 24.0), ("2", 2.0), ("0.0001", 1 / 6), ("0", 24.0), ("-3", 24.0),
+                                          ("soon", 24.0), ("nan", 24.0), ("inf", 24.0)])
+def test_output_lifetime_from_the_environment(value, hours):
+    from ui.common import keep_outputs_hours
+
+    assert keep_outputs_hours({"VOICE_STUDIO_KEEP_OUTPUTS_HOURS": value}) == pytest.approx(hours)
 
 
 def test_every_api_parameter_is_documented_one_per_line(demo):

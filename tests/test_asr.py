@@ -189,3 +189,18 @@ def test_loading_a_model_loads_the_voice_activity_model_too(whisper_store, choic
 
     monkeypatch.setattr(vad, "load_vad_model", broken)  # a load without VAD still works (vad=False does not need it)
     assert WhisperService(whisper_store, max_loaded=1).load(choice).pipeline is not None
+
+
+@pytest.mark.parametrize("seconds, limit, expected", [
+    (200, 60, "The audio is 3 minutes long; this server accepts up to 60 seconds."),
+    (3 * 3600 + 20, 3 * 3600, "The audio is 181 minutes long; this server accepts up to 3 hours."),
+    (4 * 3600, 3 * 3600, "The audio is 4 hours long; this server accepts up to 3 hours."),
+    (45.4, 45, "The audio is 46 seconds long; this server accepts up to 45 seconds."),
+    (90 * 60 + 10, 90 * 60, "The audio is 91 minutes long; this server accepts up to 90 minutes."),
+    (60, 60, None),
+    (None, 60, None),
+])
+def test_a_length_over_the_limit_never_reads_as_the_limit(seconds, limit, expected):
+    from pipelines.audio import too_long
+
+    assert too_long("The audio", seconds, limit) == expected

@@ -313,6 +313,19 @@ def test_silent_video_gives_no_subtitles_and_no_copies(services, tiny_whisper_hf
     assert not (tmp_path / "audio.wav").exists()  # transcribed, then deleted
 
 
+def test_an_uploaded_video_over_the_limit_is_refused_before_its_audio_is_extracted(services, media, tmp_path):
+    from pipelines.subtitle_job import SubtitleInputError
+
+    limit = media["seconds"] - 0.3  # just over: the message must not read as the limit itself
+    request = SubtitleRequest(choice=BASE, video_path=media["video"], max_seconds=limit)
+    with pytest.raises(SubtitleInputError) as info:
+        make_subtitles(services.whisper, request, tmp_path)
+    shown, allowed = re.match(r"The video is (\d+) seconds long; this server accepts up to (\d+) seconds\.$",
+                              str(info.value)).groups()
+    assert int(shown) > int(allowed) == round(limit)
+    assert not (tmp_path / "audio.wav").exists()
+
+
 # --------------------------------------------------------------------------- YouTube through the tab
 
 
@@ -399,7 +412,7 @@ ERRORS = [
     ("offline", CANON, None, dict(error=_no_network()), "Could not reach YouTube"),
     ("offline-at-download", CANON, None, dict(download_error=URLError(OSError(101, "Network is unreachable"))),
      "Could not reach YouTube"),
-    ("too-long", CANON, None, dict(length=4 * 3600), "240 minutes long"),
+    ("too-long", CANON, None, dict(length=3 * 3600 + 20), "181 minutes long; this server accepts up to 3 hours"),
     ("no-audio-track", "", "no_audio", None, "no audio track"),
     ("not-a-video", "", "text_as_mp4", None, "not a supported audio or video file"),
     ("nothing", "", None, None, "Give a YouTube link or upload a video file"),

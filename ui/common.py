@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
 import re
 import shutil
@@ -202,6 +203,9 @@ OUTPUT_PREFIX = "voice-studio-"
 #: Hours a request's output folder is kept; older ones go when a new one is made
 #: (env VOICE_STUDIO_KEEP_OUTPUTS_HOURS). Gradio has its own copy of every file it served by then.
 DEFAULT_KEEP_OUTPUTS_HOURS = 24.0
+#: Shorter lifetimes are raised to this: a result must outlive the click on its download link, and
+#: Gradio's cache sweep runs every min(1 h, lifetime), so a near-zero lifetime would sweep non-stop.
+MIN_KEEP_OUTPUTS_HOURS = 10 / 60
 CLEAN_EVERY_SECONDS = 60.0
 _OUTPUT_DIR = re.compile(rf"^{re.escape(OUTPUT_PREFIX)}[a-z0-9]+(?:-[a-z0-9]+)*-[a-z0-9_]{{8}}$")
 _last_clean = [float("-inf")]
@@ -209,11 +213,21 @@ _clean_lock = threading.Lock()
 
 
 def keep_outputs_hours(environ=os.environ) -> float:
+    """VOICE_STUDIO_KEEP_OUTPUTS_HOURS: the default when unset or not a positive number, at least 10 minutes."""
+    value = environ.get("VOICE_STUDIO_KEEP_OUTPUTS_HOURS") or ""
     try:
-        hours = float(environ.get("VOICE_STUDIO_KEEP_OUTPUTS_HOURS") or DEFAULT_KEEP_OUTPUTS_HOURS)
+        hours = float(value or DEFAULT_KEEP_OUTPUTS_HOURS)
     except ValueError:
-        hours = DEFAULT_KEEP_OUTPUTS_HOURS
-    return hours if hours > 0 else DEFAULT_KEEP_OUTPUTS_HOURS
+        hours = float("nan")
+    if not hours > 0 or math.isinf(hours):
+        log.warning("VOICE_STUDIO_KEEP_OUTPUTS_HOURS=%r is not a positive number of hours; using %g",
+                    value, DEFAULT_KEEP_OUTPUTS_HOURS)
+        return DEFAULT_KEEP_OUTPUTS_HOURS
+    if hours < MIN_KEEP_OUTPUTS_HOURS:
+        log.warning("VOICE_STUDIO_KEEP_OUTPUTS_HOURS=%s is shorter than 10 minutes; keeping outputs 10 minutes",
+                    value)
+        return MIN_KEEP_OUTPUTS_HOURS
+    return hours
 
 
 def clean_request_dirs(max_age_hours: float, root: Optional[Path] = None, now: Optional[float] = None) -> list[Path]:
