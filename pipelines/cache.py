@@ -94,6 +94,41 @@ def _fsync_tree(folder: Path) -> None:
         _fsync_path(parent, folder=True)
 
 
+IN_USE_FILE = ".in-use"
+
+
+@contextmanager
+def folder_held(folder: Path) -> Iterator[Path]:
+    """Mark ``folder`` as in use for the length of a ``with`` block: an ``fcntl`` lock on a file in it.
+
+    The kernel drops the lock when the process dies, so a sweep that asks :func:`folder_in_use`
+    removes a killed process's leftovers but never the folder of work still running, in this
+    process or another.
+    """
+    lock_path = Path(folder) / IN_USE_FILE
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield Path(folder)
+        finally:
+            lock_path.unlink(missing_ok=True)
+
+
+def folder_in_use(folder: Path) -> bool:
+    """Whether a living process holds ``folder`` with :func:`folder_held`."""
+    try:
+        fd = os.open(Path(folder) / IN_USE_FILE, os.O_RDONLY)
+    except OSError:  # no lock file (never held, or released), or the folder is gone
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 class AtomicFolderCache:
     """Get-or-build for folders under ``root``, complete or absent, built once."""
 

@@ -821,5 +821,5 @@ def convert_bundled(name: str, out_dir: PathLike, dtype: str = "float32") -> Pat
     """
     model = _bundled(name)
     out_dir = Path(out_dir)
-    with tempfile.TemporaryDirectory(prefix="voice-studio-ct2-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="whisper-ct2-") as tmp:
         return convert_ct2_to_hf(model.materialise(Path(tmp)), out_dir, dtype=dtype)

@@ -11,7 +11,6 @@ into folders keyed by model, revision, precision and converter versions, written
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -23,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .cache import AtomicFolderCache, ProgressFn, folder_fingerprint, no_progress, slug, versions_key
+from .cache import (AtomicFolderCache, ProgressFn, folder_fingerprint, folder_held, folder_in_use, no_progress, slug,
+                    versions_key)
 from .types import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -340,7 +340,6 @@ class _Scratch:
     """
 
     PREFIX = ".work-"
-    LOCK_FILE = ".in-use"
     GRACE_SECONDS = 60.0  # a folder this young may be about to take its lock
 
     def __init__(self, root: Path):
@@ -348,13 +347,12 @@ class _Scratch:
 
     def __enter__(self) -> Path:
         self.path = Path(tempfile.mkdtemp(dir=self.root, prefix=self.PREFIX))
-        self._lock = open(self.path / self.LOCK_FILE, "w")
-        fcntl.flock(self._lock, fcntl.LOCK_EX)
-        return self.path
+        self._held = folder_held(self.path)
+        return self._held.__enter__()
 
     def __exit__(self, *exc_info) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
-        self._lock.close()
+        self._held.__exit__(*exc_info)
 
     @classmethod
     def sweep(cls, root: Path) -> list[Path]:
@@ -374,16 +372,9 @@ class _Scratch:
         try:
             if time.time() - folder.stat().st_mtime < cls.GRACE_SECONDS:
                 return True
-            fd = os.open(folder / cls.LOCK_FILE, os.O_RDONLY)
-        except FileNotFoundError:  # gone, or made before locks were used: no one holds it
+        except FileNotFoundError:
             return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return False
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
+        return folder_in_use(folder)
 
 
 def describe_source(resolved: Optional[ResolvedModel]) -> str:

@@ -74,7 +74,7 @@ def spoken_sentences(limit: int = 32) -> list[np.ndarray]:
                                      f"({ENV_CALIBRATION_AUDIO}).")
     sentences = json.loads(SENTENCES.read_text(encoding="utf-8"))[:limit]
     clips = []
-    with tempfile.TemporaryDirectory(prefix="voice-studio-calibration-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="whisper-calibration-") as tmp:
         for index, item in enumerate(sentences):
             wav = Path(tmp) / f"{index}.wav"
             try:

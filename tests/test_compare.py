@@ -22,6 +22,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
+from pipelines.cache import IN_USE_FILE
 from pipelines.services import Services, Settings
 from servers import launched
 
@@ -49,10 +50,11 @@ def outputs_in_tmp(monkeypatch, tmp_path):
     import ui.image_tab
     import ui.speech_tab
     import ui.subtitles_tab
-    from ui.common import request_dir
+    from ui.common import request_dir, working_dir
 
-    for tab in (ui.speech_tab, ui.subtitles_tab, ui.image_tab):
+    for tab in (ui.speech_tab, ui.image_tab):
         monkeypatch.setattr(tab, "request_dir", lambda prefix: request_dir(prefix, root=tmp_path))
+    monkeypatch.setattr(ui.subtitles_tab, "working_dir", lambda prefix: working_dir(prefix, root=tmp_path))
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +307,30 @@ def test_old_output_folders_go_when_a_new_one_is_made(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "_last_clean", [float("-inf")])
     common.request_dir("image", root=tmp_path)
     assert not young.exists() and new.exists()
+
+
+def test_a_long_subtitle_job_keeps_its_folder_through_a_sweep(svc, tiny, quiet_video, monkeypatch, tmp_path):
+    """A job longer than the output lifetime: a sweep made by another request meanwhile leaves its folder alone."""
+    from pipelines import subtitle_job
+    from ui import common
+    from ui.subtitles_tab import make_subtitles_handler
+
+    swept: list[list[Path]] = []
+    real = subtitle_job.make_subtitles
+
+    def another_request_sweeps_midway(whisper, request, work_dir, *args, **kwargs):
+        _aged(work_dir, 48)  # untouched for longer than the lifetime
+        swept.append(common.clean_request_dirs(1.0, tmp_path))
+        return real(whisper, request, work_dir, *args, **kwargs)
+
+    monkeypatch.setattr(subtitle_job, "make_subtitles", another_request_sweeps_midway)
+    _player, _text, files = make_subtitles_handler(svc)("", str(quiet_video), tiny, "fp16", "CPU", "transcribe",
+                                                        "auto", 42, 6, False, False, **QUIET)
+    assert swept == [[]] and all(Path(f).is_file() for f in files)
+    work_dir = Path(files[0]).parent
+    assert not (work_dir / IN_USE_FILE).exists()  # released: the next sweep past its lifetime takes it
+    _aged(work_dir, 48)
+    assert common.clean_request_dirs(1.0, tmp_path) == [work_dir]
 
 
 def test_a_transcription_clears_output_folders_past_their_life(svc, tiny, english_clip, tmp_path, monkeypatch):

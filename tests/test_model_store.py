@@ -201,12 +201,12 @@ def test_missing_bundled_package_says_what_to_install(tmp_path, monkeypatch):
 def test_leftovers_of_a_killed_conversion_are_swept_but_work_in_progress_is_not(tmp_path):
     import os
 
-    from pipelines.model_store import _Scratch
+    from pipelines.cache import IN_USE_FILE
 
     store = WhisperModelStore(tmp_path)
     dead = tmp_path / ".work-dead"  # a conversion whose process was killed: its lock died with it
     (dead / "hf").mkdir(parents=True)
-    (dead / _Scratch.LOCK_FILE).touch()
+    (dead / IN_USE_FILE).touch()
     (dead / "hf" / "model.safetensors").write_bytes(b"0" * 1000)
     old = time.time() - 3600
     os.utime(dead, (old, old))

@@ -17,7 +17,6 @@ import re
 import shutil
 import socket
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 from urllib.error import URLError
@@ -158,9 +157,9 @@ def media(tmp_path_factory, english_clip) -> dict[str, Any]:
 def request_dirs_in_tmp(monkeypatch, tmp_path):
     """The tab's per-request folders go under this test's tmp_path instead of piling up in /tmp."""
     import ui.subtitles_tab as tab
+    from ui.common import working_dir
 
-    monkeypatch.setattr(tab, "request_dir",
-                        lambda prefix: Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=tmp_path)))
+    monkeypatch.setattr(tab, "working_dir", lambda prefix: working_dir(prefix, root=tmp_path))
 
 
 # --------------------------------------------------------------------------- fake YouTube

@@ -14,8 +14,6 @@ import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
-
 from pipelines.asr import Decoded, chunks_from_words
 
 ROOT = Path(__file__).resolve().parent.parent

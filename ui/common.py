@@ -11,13 +11,15 @@ import shutil
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import gradio as gr
 
 from pipelines.asr import TranscriptionRefused
+from pipelines.cache import folder_held, folder_in_use
 from pipelines.devices import available_devices, validate_device
 from pipelines.types import PRECISIONS, ModelChoice, TranscribeOptions
 from pipelines.whisper_models import CATALOGUE, LANGUAGES, translation_refusal
@@ -248,6 +250,8 @@ def clean_request_dirs(max_age_hours: float, root: Optional[Path] = None, now: O
                 continue
         except OSError:
             continue
+        if folder_in_use(Path(entry.path)):  # a long job (subtitles of a long video) still works in it
+            continue
         shutil.rmtree(entry.path, ignore_errors=True)
         removed.append(Path(entry.path))
     if removed:
@@ -269,3 +273,11 @@ def request_dir(prefix: str, root: Optional[Path] = None) -> Path:
         clean_request_dirs(keep_outputs_hours(), root)
     kind = re.sub(r"[^a-z0-9-]+", "-", prefix.lower()).strip("-") or "out"
     return Path(tempfile.mkdtemp(prefix=f"{OUTPUT_PREFIX}{kind}-", dir=root))
+
+
+@contextmanager
+def working_dir(prefix: str, root: Optional[Path] = None) -> Iterator[Path]:
+    """:func:`request_dir` for a job that works in the folder for a long time (it may outlive the
+    output lifetime): the sweep leaves it alone while the ``with`` block runs."""
+    with folder_held(request_dir(prefix, root)) as folder:
+        yield folder

@@ -16,8 +16,8 @@ from pipelines.services import Services
 from pipelines.subtitles import CueRules, make_cues, write_outputs
 
 from .common import (PrecisionRun, agreement_text, compare_columns, compare_precisions, language_dropdown,
-                     load_whisper, part_of, progress_fn, request_dir, speed_summary, task_radio, whisper_pickers,
-                     whisper_request)
+                     load_whisper, part_of, progress_fn, speed_summary, task_radio, whisper_pickers, whisper_request,
+                     working_dir)
 
 USER_ERRORS = (youtube.YouTubeError, video.MediaError, subtitle_job.SubtitleInputError, AudioError,
                ModelUnavailable, TranscriptionRefused, ValueError)
@@ -125,8 +125,9 @@ def make_subtitles_handler(services: Services, yt_factory=youtube.YouTube):
         try:
             request = _request(services, url, video_file, model, precision, device, task, language, max_line_chars,
                                max_duration, burn_in, soft_track)
-            result = subtitle_job.make_subtitles(_TimedWhisper(services.whisper), request, request_dir("subtitles"),
-                                                 report, yt_factory=yt_factory)
+            with working_dir("subtitles") as out_dir:
+                result = subtitle_job.make_subtitles(_TimedWhisper(services.whisper), request, out_dir, report,
+                                                     yt_factory=yt_factory)
         except USER_ERRORS as exc:
             raise gr.Error(_message(exc)) from exc
         files = [str(result.files[k]) for k in ("srt", "vtt", "burned", "muxed") if k in result.files]
@@ -172,18 +173,18 @@ def make_subtitles_compare_handler(services: Services, yt_factory=youtube.YouTub
             texts agree), and files [FP16 srt, FP16 vtt, INT8 srt, INT8 vtt].
         """
         report = progress_fn(progress)
-        work_dir = request_dir("subtitles-compare")
         first = _TimedWhisper(services.whisper, "FP16")
         try:
             request = _request(services, url, video_file, model, "fp16", device, task, language, max_line_chars,
                                max_duration)
             int8_choice = replace(request.choice, precision="int8")
-            result = subtitle_job.make_subtitles(first, request, work_dir, part_of(report, 0.0, 0.5), yt_factory,
-                                                 keep_audio=True)  # the INT8 run transcribes the same WAV
-            second = compare_precisions(
-                lambda p, part: load_whisper(services.whisper, int8_choice, part),
-                lambda p, part: services.whisper.transcribe_file(first.wav, int8_choice, request.options, part),
-                part_of(report, 0.5, 1.0), precisions=("int8",))
+            with working_dir("subtitles-compare") as work_dir:
+                result = subtitle_job.make_subtitles(first, request, work_dir, part_of(report, 0.0, 0.5), yt_factory,
+                                                     keep_audio=True)  # the INT8 run transcribes the same WAV
+                second = compare_precisions(
+                    lambda p, part: load_whisper(services.whisper, int8_choice, part),
+                    lambda p, part: services.whisper.transcribe_file(first.wav, int8_choice, request.options, part),
+                    part_of(report, 0.5, 1.0), precisions=("int8",))
         except USER_ERRORS as exc:
             raise gr.Error(_message(exc)) from exc
         finally:
