@@ -12,6 +12,7 @@ import logging
 import re
 import threading
 import time
+import weakref
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class WhisperService:
         self._loaded: "OrderedDict[tuple[str, str, str], LoadedWhisper]" = OrderedDict()
         self._guard = threading.Lock()
         self._key_locks: dict[tuple[str, str, str], threading.Lock] = {}
+        self._retired: "weakref.WeakValueDictionary[tuple[str, str, str], LoadedWhisper]" = weakref.WeakValueDictionary()
 
     # -- models -----------------------------------------------------------------------------
     def loaded_keys(self) -> list[tuple[str, str, str]]:
@@ -66,32 +68,57 @@ class WhisperService:
             return list(self._loaded)
 
     def release(self) -> None:
-        """Drop every loaded pipeline (frees memory for another tab)."""
+        """Drop every loaded pipeline (frees memory for another tab); one a request is still running
+        on is freed when that request ends."""
         with self._guard:
-            self._loaded.clear()
+            while self._loaded:
+                self._retire_oldest()
 
     def load(self, choice: ModelChoice, progress: ProgressFn = no_progress) -> LoadedWhisper:
         device = validate_device(choice.device)
         key = (choice.model, choice.precision, device)
         with self._guard:
-            if key in self._loaded:
-                self._loaded.move_to_end(key)
-                return self._loaded[key]
+            loaded = self._reuse(key)
+            if loaded is not None:
+                return loaded
             key_lock = self._key_locks.setdefault(key, threading.Lock())
         with key_lock:
             with self._guard:
-                if key in self._loaded:
-                    return self._loaded[key]
+                loaded = self._reuse(key)
+                if loaded is not None:
+                    return loaded
             resolved = self.store.resolve(choice.model, choice.precision, progress)
             progress(0.8, f"compile {choice.model} for {device}")
             loaded = self._compile(resolved, device)
             self._load_vad()
             with self._guard:
                 self._loaded[key] = loaded
-                while len(self._loaded) > self.max_loaded:
-                    evicted, _ = self._loaded.popitem(last=False)
-                    log.info("unloaded %s to stay within %d models", evicted, self.max_loaded)
+                self._keep_within_limit()
             return loaded
+
+    def _reuse(self, key: tuple[str, str, str]) -> Optional[LoadedWhisper]:
+        """The pipeline for ``key`` if one is alive (call with ``_guard`` held): a loaded one, or one
+        unloaded while a request still runs on it, which is taken back instead of compiled twice."""
+        loaded = self._loaded.get(key) or self._retired.pop(key, None)
+        if loaded is None:
+            return None
+        if key not in self._loaded:
+            log.info("took back %s, unloaded while a request still ran on it", key)
+            self._loaded[key] = loaded
+        self._loaded.move_to_end(key)
+        self._keep_within_limit()
+        return loaded
+
+    def _keep_within_limit(self) -> None:
+        while len(self._loaded) > self.max_loaded:
+            self._retire_oldest()
+
+    def _retire_oldest(self) -> None:
+        """Unload the least recently used pipeline. It is freed once no running request holds it (only
+        a weak reference stays, through which a new request for it takes it back meanwhile)."""
+        key, loaded = self._loaded.popitem(last=False)
+        self._retired[key] = loaded
+        log.info("unloaded %s (at most %d models stay loaded)", key, self.max_loaded)
 
     @staticmethod
     def _load_vad() -> None:

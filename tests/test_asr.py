@@ -92,6 +92,31 @@ def test_loaded_models_are_bounded(whisper_store, choice, tiny_whisper_hf, tiny_
     assert service.loaded_keys() == [(str(tiny_whisper_ir), "fp16", "CPU")]
 
 
+def test_a_model_unloaded_while_a_request_runs_on_it_is_taken_back_not_compiled_twice(
+        whisper_store, choice, tiny_whisper_ir, monkeypatch):
+    import gc
+
+    service = WhisperService(whisper_store, max_loaded=1)
+    compiled = []
+    original = WhisperService._compile
+    monkeypatch.setattr(WhisperService, "_compile",
+                        lambda self, resolved, device: compiled.append(resolved.path) or original(self, resolved, device))
+    other = ModelChoice(model=str(tiny_whisper_ir), device="CPU")
+    running = service.load(choice)  # a long subtitle job holds it ...
+    service.load(other)  # ... while another request's model takes its place
+    assert service.loaded_keys() == [(other.model, "fp16", "CPU")]
+    assert service.load(choice) is running and len(compiled) == 2  # taken back, not compiled again
+    assert service.loaded_keys() == [(choice.model, "fp16", "CPU")]  # and the limit still holds
+
+    service.release()  # "free memory" while the job still runs: freed when it ends
+    assert service.loaded_keys() == [] and service.load(choice) is running
+    service.release()
+    del running
+    gc.collect()
+    service.load(choice)  # nobody held it any more: it was really freed
+    assert len(compiled) == 3
+
+
 @pytest.mark.parametrize("model", ["bundled/whisper-tiny.en", "openai/whisper-base.en",
                                    "openai/whisper-large-v3-turbo"])
 def test_translate_on_a_model_that_cannot_is_refused_before_loading(service, model):
