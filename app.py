@@ -100,8 +100,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[s
                          help="requests that may wait at once, over all kinds of work; more are refused with "
                               "'busy, try again' (env VOICE_STUDIO_QUEUE_SIZE; default 64)")
     serving.add_argument("--concurrency", type=_concurrency_pair, action="append", metavar="KIND=N", default=[],
-                         help="requests of one kind run at once, repeatable: whisper=2 image=1 pose=1 network=4 "
-                              "(env VOICE_STUDIO_CONCURRENCY='whisper=2,image=1')")
+                         help="requests of one kind run at once (for whisper and image: work slots; a few "
+                              "more may get their model ready meanwhile), repeatable: whisper=2 image=1 pose=1 "
+                              "network=4 (env VOICE_STUDIO_CONCURRENCY='whisper=2,image=1')")
     serving.add_argument("--preload", action="store_true", default=_env_flag(environ, "PRELOAD"),
                          help="load the default Whisper model in the background at start; the server answers "
                               "at once (env VOICE_STUDIO_PRELOAD=1)")
@@ -291,7 +292,7 @@ def build_app(services, preload: Optional[Preload] = None):
         gr.api(make_status_handler(services, preload or Preload()), api_name="status", queue=False,
                concurrency_limit=None)
     demo.queue(default_concurrency_limit=1, max_size=settings.queue_size)
-    apply_concurrency_limits(demo, settings.concurrency)
+    apply_concurrency_limits(demo, {kind: settings.queue_limit(kind) for kind in settings.concurrency})
     explain_full_queue(demo, settings.queue_size)
     return demo
 

@@ -26,6 +26,7 @@ from .audio import SAMPLE_RATE
 from .cache import ProgressFn, no_progress
 from .devices import validate_device
 from .model_store import ResolvedModel, WhisperModelStore
+from .slots import WorkSlots
 from .types import ModelChoice, Segment, TranscribeOptions, Transcript, Word
 from .whisper_models import LANGUAGES, translation_refusal
 
@@ -53,8 +54,10 @@ class LoadedWhisper:
 class WhisperService:
     """Transcribes audio with Whisper on OpenVINO; models load lazily, once, and stay bounded."""
 
-    def __init__(self, store: WhisperModelStore, max_loaded: int = 2, guards: "DecodeGuards | None" = None):
+    def __init__(self, store: WhisperModelStore, max_loaded: int = 2, guards: "DecodeGuards | None" = None,
+                 workers: int = 2):
         self.store = store
+        self.slots = WorkSlots(workers, "transcription")  # at most this many decode at once
         self.guards = guards or DecodeGuards()
         self.max_loaded = max(1, max_loaded)
         self._loaded: "OrderedDict[tuple[str, str, str], LoadedWhisper]" = OrderedDict()
@@ -176,14 +179,16 @@ class WhisperService:
         voice activity detection and group it into windows of at most 30 s; 4. decode each window
         with guards against repetition loops; 5. join the windows' segments on one time line.
         """
-        loaded = self._prepare(choice, options, progress)
-        duration = audio.size / SAMPLE_RATE
-        progress(0.85, "find speech")
-        windows = self._windows(audio, duration, options)
-        return self._run_windows(
-            loaded, choice, options, duration,
-            ((w, audio[int(w.start * SAMPLE_RATE):int(w.end * SAMPLE_RATE)]) for w in windows),
-            len(windows), progress)
+        self.prepare(choice, progress, options)
+        with self.slots.turn(progress, 0.8):
+            loaded = self._load_for(choice, options, progress)
+            duration = audio.size / SAMPLE_RATE
+            progress(0.85, "find speech")
+            windows = self._windows(audio, duration, options)
+            return self._run_windows(
+                loaded, choice, options, duration,
+                ((w, audio[int(w.start * SAMPLE_RATE):int(w.end * SAMPLE_RATE)]) for w in windows),
+                len(windows), progress)
 
     def transcribe_file(
         self,
@@ -195,20 +200,34 @@ class WhisperService:
         """Like :meth:`transcribe`, for a 16 kHz mono WAV of any length read one window at a time."""
         import soundfile as sf
 
-        loaded = self._prepare(choice, options, progress)
-        duration = sf.info(str(wav_path)).duration
-        progress(0.85, "find speech")
-        regions = vad.speech_regions_from_file(wav_path) if options.vad else [(0.0, duration)]
-        windows = vad.plan_windows(regions, duration)
-        return self._run_windows(loaded, choice, options, duration, vad.iter_window_audio(wav_path, windows),
-                                 len(windows), progress)
+        self.prepare(choice, progress, options)
+        with self.slots.turn(progress, 0.8):
+            loaded = self._load_for(choice, options, progress)
+            duration = sf.info(str(wav_path)).duration
+            progress(0.85, "find speech")
+            regions = vad.speech_regions_from_file(wav_path) if options.vad else [(0.0, duration)]
+            windows = vad.plan_windows(regions, duration)
+            return self._run_windows(loaded, choice, options, duration, vad.iter_window_audio(wav_path, windows),
+                                     len(windows), progress)
 
-    def _prepare(self, choice: ModelChoice, options: TranscribeOptions, progress: ProgressFn) -> LoadedWhisper:
-        if options.task not in ("transcribe", "translate"):
-            raise TranscriptionRefused(f"Unknown task '{options.task}'; use 'transcribe' or 'translate'.")
-        refusal = translation_refusal(choice.model) if options.task == "translate" else None
-        if refusal:
-            raise TranscriptionRefused(refusal)
+    def prepare(self, choice: ModelChoice, progress: ProgressFn = no_progress,
+                options: Optional[TranscribeOptions] = None) -> None:
+        """Refuse what the model cannot do (``options``), then download, convert or quantize the model
+        to disk if that is still to do. Runs outside the work slots: a model no one used yet does not
+        hold up transcriptions on ready ones."""
+        if options is not None:
+            if options.task not in ("transcribe", "translate"):
+                raise TranscriptionRefused(f"Unknown task '{options.task}'; use 'transcribe' or 'translate'.")
+            refusal = translation_refusal(choice.model) if options.task == "translate" else None
+            if refusal:
+                raise TranscriptionRefused(refusal)
+        key = (choice.model, choice.precision, validate_device(choice.device))
+        with self._guard:
+            if key in self._loaded or key in self._retired:
+                return
+        self.store.resolve(choice.model, choice.precision, progress)
+
+    def _load_for(self, choice: ModelChoice, options: TranscribeOptions, progress: ProgressFn) -> LoadedWhisper:
         loaded = self.load(choice, progress)
         if options.task == "translate" and not loaded.multilingual:
             raise TranscriptionRefused(translation_refusal(choice.model, multilingual=False)

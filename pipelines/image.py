@@ -49,6 +49,7 @@ from .sd_convert import (
     ensure_sd_int8,
 )
 from .pose import uint8_pixels
+from .slots import WorkSlots
 from .types import PRECISIONS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -780,6 +781,11 @@ class ImageService:
     table of loaded pipelines). At most ``max_loaded`` pipelines stay loaded; loading another
     releases the least recently used one.
 
+    ``generate`` converts (and quantizes) outside the work slots (``workers``: generations at once)
+    and takes a slot only to load and run, so one visitor's new model does not hold up images from
+    ready ones. Quantizing takes a slot too: its FP16 pipeline and NNCF need the memory a running
+    generation would hold.
+
     ``precision="int8"`` runs the UNet and ControlNet quantized by NNCF post-training quantization,
     made once per FP16 pair from calibration data gathered by running the FP16 pipeline
     (``calibration``: a :class:`pipelines.quantize.SDCalibration`, default from the
@@ -797,6 +803,7 @@ class ImageService:
         local_files_only: bool = False,
         max_loaded: int = 1,
         calibration=None,
+        workers: int = 1,
     ):
         from .quantize import SDCalibration
 
@@ -807,6 +814,7 @@ class ImageService:
         self.ov_config = dict(ov_config or {})
         self.local_files_only = local_files_only
         self.max_loaded = max(1, int(max_loaded))
+        self.slots = WorkSlots(workers, "image generation")
         self.calibration = calibration if calibration is not None else SDCalibration.from_env()
         self._cache = AtomicFolderCache(self.cache_root)
         self._guard = threading.Lock()
@@ -830,11 +838,11 @@ class ImageService:
         controlnet_ref: Optional[str] = None,
         precision: str = "fp16",
         progress: ProgressFn = no_progress,
-        before_quantizing: Callable[[], None] = lambda: None,
     ) -> dict[str, Path]:
         """Convert (and for INT8 quantize) these models once; their cached folders, nothing loaded.
 
-        ``before_quantizing`` runs only when the INT8 models have to be made.
+        Quantizing holds a work slot, and releases the pipeline it replaces when ``max_loaded`` is
+        reached, so that no generation runs beside it.
         Returns ``{"sd", "controlnet"}`` (the FP16 IR folders), ``"int8"`` for INT8, and the
         ``"unet_xml"`` / ``"controlnet_xml"`` files the pipeline will run.
         """
@@ -855,10 +863,19 @@ class ImageService:
             int8 = ensure_sd_int8(
                 self.cache_root, sd_folder, cn_folder, calibration=self.calibration, ov_config=self.ov_config,
                 cache=self._cache, progress=lambda f, m: progress(share + (0.95 - share) * f, m),
-                before_quantizing=before_quantizing,
+                quantizing=lambda: self._quantizing(progress, share),
             )
             folders.update(int8=int8, unet_xml=int8 / UNET_IR, controlnet_xml=int8 / CONTROLNET_IR)
         return folders
+
+    def prepare(self, sd_ref: Optional[str] = None, controlnet_ref: Optional[str] = None, device: Optional[str] = None,
+                precision: str = "fp16", progress: ProgressFn = no_progress) -> None:
+        """Download, convert and quantize what :meth:`get_pipeline` will need, unless it is loaded:
+        work done outside the work slots (quantizing takes one, see :meth:`model_folders`)."""
+        with self._guard:
+            if self._key(sd_ref, controlnet_ref, device, precision) in self._pipelines:
+                return
+        self.model_folders(sd_ref, controlnet_ref, precision, progress=progress)
 
     def get_pipeline(
         self,
@@ -883,10 +900,7 @@ class ImageService:
             if pipeline is not None:
                 return pipeline
             sd, cn, dev, precision = key
-            # Quantizing runs an FP16 pipeline of its own (calibration) and NNCF: the pipeline this one
-            # replaces is released first, so that the two never sit in memory together.
-            folders = self.model_folders(sd, cn, precision, progress=progress,
-                                         before_quantizing=lambda: self._release_oldest(keep=self.max_loaded - 1))
+            folders = self.model_folders(sd, cn, precision, progress=progress)
             if self._core is None:
                 import openvino as ov
 
@@ -901,6 +915,14 @@ class ImageService:
             self._release_oldest(keep=self.max_loaded)  # another request may have loaded one meanwhile
             progress(1.0, "Image models ready")
             return pipeline
+
+    @contextmanager
+    def _quantizing(self, progress: ProgressFn, fraction: float) -> Iterator[None]:
+        """Quantizing runs an FP16 pipeline of its own (calibration) and NNCF: it holds a work slot and
+        the pipeline it replaces is released first, so that the two never sit in memory together."""
+        with self.slots.turn(progress, fraction):
+            self._release_oldest(keep=self.max_loaded - 1)
+            yield
 
     def _release_oldest(self, keep: int) -> None:
         """Release the least recently used pipelines until at most ``keep`` stay loaded."""
@@ -930,8 +952,10 @@ class ImageService:
         """
         precision = check_precision(precision)
         pose = check_inputs(options, pose_image)  # fail fast, before any conversion or loading
-        pipeline = self.get_pipeline(sd_ref, controlnet_ref, device, progress=load_progress, precision=precision)
-        return pipeline(options, pose, progress=progress, cancel=cancel)
+        self.prepare(sd_ref, controlnet_ref, device, precision, load_progress)
+        with self.slots.turn(load_progress, 0.95):
+            pipeline = self.get_pipeline(sd_ref, controlnet_ref, device, progress=load_progress, precision=precision)
+            return pipeline(options, pose, progress=progress, cancel=cancel)
 
     def release(self) -> None:
         """Drop every loaded pipeline and its compiled models."""

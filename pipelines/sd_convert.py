@@ -33,9 +33,10 @@ import json
 import logging
 import shutil
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Optional
 
 from .cache import READY_MARKER, AtomicFolderCache, DiskFull, ProgressFn, folder_fingerprint, no_progress, slug, versions_key
 
@@ -659,7 +660,7 @@ def ensure_sd_int8(
     ov_config: Optional[dict] = None,
     progress: ProgressFn = no_progress,
     cache: Optional[AtomicFolderCache] = None,
-    before_quantizing: Callable[[], None] = lambda: None,
+    quantizing: Callable[[], ContextManager] = nullcontext,
 ) -> Path:
     """Return the folder with the INT8 ``unet.xml`` and ``controlnet.xml`` for FP16 IR folders
     ``sd_folder`` + ``controlnet_folder`` (made by :func:`ensure_sd15` / :func:`ensure_controlnet`),
@@ -669,7 +670,8 @@ def ensure_sd_int8(
     (the UNet's inputs include the ControlNet's residuals). ``calibration`` is a
     :class:`pipelines.quantize.SDCalibration` (default: from the environment). The marker file
     records the method, the number of calibration samples and where the prompts and poses came from.
-    ``before_quantizing`` runs only when quantization has to run (e.g. to free memory for it).
+    ``quantizing()`` is a context the quantization runs in, entered only when it has to run (e.g. to
+    free memory for it and keep other work from taking that memory back meanwhile).
     """
     from . import quantize
 
@@ -682,9 +684,9 @@ def ensure_sd_int8(
     folder = int8_folder(cache_root, sd_folder, controlnet_folder, data.key)
 
     def build(tmp: Path) -> dict:
-        before_quantizing()
-        facts = quantize.quantize_sd_int8(sd_folder, controlnet_folder, tmp, settings, data=data,
-                                          ov_config=ov_config, progress=progress)
+        with quantizing():
+            facts = quantize.quantize_sd_int8(sd_folder, controlnet_folder, tmp, settings, data=data,
+                                              ov_config=ov_config, progress=progress)
         (tmp / PIPELINE_JSON).write_text(json.dumps({
             "kind": "sd15_int8", "unet": UNET_IR, "controlnet": CONTROLNET_IR,
             "sd_folder": sd_folder.name, "controlnet_folder": controlnet_folder.name,

@@ -17,8 +17,13 @@ from .security import check_model_reference
 from .whisper_models import DEFAULT_MODEL
 
 #: How many requests of each kind of work run at once (Gradio concurrency ids). Transcriptions and
-#: image generation have separate ids, so a long generation never holds up a transcription.
+#: image generation have separate ids, so a long generation never holds up a transcription. For
+#: whisper and image these are the work slots (decoding, generating: pipelines/slots.py).
 DEFAULT_CONCURRENCY: dict[str, int] = {"whisper": 2, "image": 1, "pose": 1, "network": 4}
+#: Requests of a kind that may get ready beside its busy work slots (download, convert or quantize a
+#: model; fetch a video and extract its audio): Gradio admits this many more than there are slots, so
+#: a model no one used yet does not hold up everyone whose model is ready.
+PREPARING_ALONGSIDE: dict[str, int] = {"whisper": 2, "image": 1}
 DEFAULT_QUEUE_SIZE = 64
 
 
@@ -38,6 +43,10 @@ class Settings:
     allow_local_models: bool = True  # users may give local folders as model references
     queue_size: int = DEFAULT_QUEUE_SIZE  # requests waiting at most, over all kinds of work
     concurrency: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_CONCURRENCY))
+
+    def queue_limit(self, kind: str) -> int:
+        """Requests of ``kind`` Gradio lets in at once: its work slots, plus those that may get ready beside them."""
+        return self.concurrency[kind] + PREPARING_ALONGSIDE.get(kind, 0)
 
     def check_model(self, reference: str, *trusted: str, kind: str = "model") -> str:
         """A user-given model reference, stripped; refused (ValueError) when this server does not take it.
@@ -60,10 +69,11 @@ class Services:
     def __post_init__(self) -> None:
         root = Path(self.settings.models_dir)
         store = WhisperModelStore(root, int8_method=self.settings.whisper_int8)
-        self.whisper = WhisperService(store, max_loaded=self.settings.max_loaded_whisper)
+        self.whisper = WhisperService(store, max_loaded=self.settings.max_loaded_whisper,
+                                      workers=self.settings.concurrency["whisper"])
         self.image = ImageService(root, sd_model=self.settings.sd_model,
                                   controlnet_model=self.settings.controlnet_model,
-                                  device=self.settings.default_device)
+                                  device=self.settings.default_device, workers=self.settings.concurrency["image"])
         self.pose = PoseService(root, pose_model=self.settings.pose_model, device=self.settings.default_device)
 
     def release_all(self) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -228,3 +229,29 @@ def test_a_length_over_the_limit_never_reads_as_the_limit(seconds, limit, expect
     from pipelines.audio import too_long
 
     assert too_long("The audio", seconds, limit) == expected
+
+
+def test_work_slots_take_turns_say_so_while_waiting_and_are_reentrant():
+    from pipelines.slots import WorkSlots
+
+    slots = WorkSlots(1, "transcription")
+    order, messages = [], []
+
+    def another_request():
+        with slots.turn(lambda fraction, message: messages.append(message)):
+            order.append("other")
+
+    with slots.turn():
+        with slots.turn():  # a compare's runs inside the compare's own slot
+            order.append("nested")
+        other = threading.Thread(target=another_request)
+        other.start()
+        deadline = time.monotonic() + 10
+        while not messages:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.2)
+        order.append("first done")
+    other.join(10)
+    assert order == ["nested", "first done", "other"]
+    assert messages == ["waiting: 1 transcription already running on this server"]

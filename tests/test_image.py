@@ -10,6 +10,7 @@ import json
 import shutil
 import sys
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -452,6 +453,49 @@ def test_the_pipeline_being_replaced_is_released_before_quantizing_and_kept_afte
         service.get_pipeline(precision="int8")
     assert seen == [([], False)]
     service.release()
+
+
+def test_quantizing_waits_for_a_running_generation_and_converting_does_not(
+        cache_root, tiny_models, ir_folders, monkeypatch):
+    """Getting models ready runs outside the work slot (a new model does not hold up generations on a
+    ready one), except quantizing: its FP16 pipeline and NNCF need the memory a generation holds."""
+    from pipelines import quantize
+
+    sd, cn = str(tiny_models["sd"]), str(tiny_models["controlnet"])
+    calibration = quantize.SDCalibration(subset_size=3, steps=2, width=128, height=128)  # never made: see above
+    service = ImageService(cache_root, sd_model=sd, controlnet_model=cn, ov_config=F32, max_loaded=1,
+                           calibration=calibration, local_files_only=True, workers=1)
+
+    class Stop(Exception):
+        pass
+
+    quantized, messages, errors = threading.Event(), [], []
+
+    def spy(*args, **kwargs):
+        quantized.set()
+        raise Stop
+
+    def prepare_int8():
+        try:
+            service.prepare(precision="int8", progress=lambda fraction, message: messages.append(message))
+        except Stop:
+            pass
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    monkeypatch.setattr(quantize, "quantize_sd_int8", spy)
+    with service.slots.turn():  # a generation is running
+        service.prepare(precision="fp16")  # FP16 folders (converted): ready without a slot
+        worker = threading.Thread(target=prepare_int8)
+        worker.start()
+        deadline = time.monotonic() + 60
+        while "waiting: 1 image generation already running on this server" not in messages:
+            assert time.monotonic() < deadline and worker.is_alive(), (messages, errors)
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert not quantized.is_set()
+    worker.join(60)
+    assert quantized.is_set() and not errors
 
 
 # ---------------------------------------------------------------------------------------------

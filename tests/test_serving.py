@@ -278,13 +278,15 @@ def test_each_kind_of_work_has_its_own_concurrency_limit(services):
 
     demo = build_app(services)
     by_name = {fn.api_name: fn for fn in demo.fns.values() if isinstance(fn.api_name, str)}
-    expected = {"transcribe": ("whisper", 2), "subtitles": ("whisper", 2), "voice_prompt": ("whisper", 2),
-                "transcribe_compare": ("whisper", 2), "subtitles_compare": ("whisper", 2),
-                "generate_image": ("image", 1), "generate_image_compare": ("image", 1), "extract_pose": ("pose", 1),
+    # whisper and image: the work slots (2 and 1) plus the requests that may get their model ready beside them
+    expected = {"transcribe": ("whisper", 4), "subtitles": ("whisper", 4), "voice_prompt": ("whisper", 4),
+                "transcribe_compare": ("whisper", 4), "subtitles_compare": ("whisper", 4),
+                "generate_image": ("image", 2), "generate_image_compare": ("image", 2), "extract_pose": ("pose", 1),
                 "video_info": ("network", 4)}
     for name, (kind, limit) in expected.items():
         assert (by_name[name].concurrency_id, by_name[name].concurrency_limit) == (kind, limit), name
     assert {"cancel_generation", "release_models", "status"} <= set(by_name)
+    assert services.whisper.slots.count == 2 and services.image.slots.count == 1
     assert demo._queue.max_size == services.settings.queue_size == 64
 
 
@@ -416,36 +418,20 @@ def test_shared_server_runs_its_configured_local_model(guarded, english_clip):
 
 # =========================================================================== the queue
 def test_queue_runs_each_kind_within_its_limit_and_refuses_when_full(tmp_path):
-    """whisper=2 run at once, a third waits, the queue (size 1) refuses a fourth with a clear message,
-    and a long image generation never holds up transcriptions (separate concurrency ids)."""
+    """whisper=2 decode at once; two more requests are let in to get ready and wait for a work slot; the
+    queue (size 1) holds one more and refuses the next with a clear message; and a long image generation
+    never holds up transcriptions (separate concurrency ids)."""
     from gradio_client import Client, handle_file
     from PIL import Image
 
     from pipelines.types import Segment, Transcript
 
-    clips = [silence_wav(tmp_path / f"clip{i}.wav", 1.0 + 0.25 * i) for i in range(4)]
+    clips = [silence_wav(tmp_path / f"clip{i}.wav", 1.0 + 0.25 * i) for i in range(6)]
     pose = tmp_path / "pose.png"
     Image.new("RGB", (64, 64)).save(pose)
     lock = threading.Lock()
-    state = {"active": 0, "peak": 0, "images": 0}
+    state = {"active": 0, "peak": 0, "images": 0, "waiting": 0}
     release_whisper, release_image, image_started = threading.Event(), threading.Event(), threading.Event()
-
-    def transcribe(samples, choice, options, progress=None):
-        with lock:
-            state["active"] += 1
-            state["peak"] = max(state["peak"], state["active"])
-        release_whisper.wait(120)
-        with lock:
-            state["active"] -= 1
-        text = f"clip of {samples.size} samples"
-        return Transcript(text=text, language="en", segments=(Segment(0.0, 1.0, text),), duration=1.0)
-
-    def generate(options, pose_image, **kwargs):
-        state["images"] += 1
-        image_started.set()
-        release_image.wait(120)
-        return SimpleNamespace(save=lambda folder: [pose], seeds=[options.seed], elapsed=0.0, warnings=[],
-                               extra={"precision": kwargs.get("precision", "fp16"), "timings": {}})
 
     def wait_for(condition, seconds=60.0):
         deadline = time.monotonic() + seconds
@@ -454,6 +440,31 @@ def test_queue_runs_each_kind_within_its_limit_and_refuses_when_full(tmp_path):
             time.sleep(0.05)
 
     with running(["--models-dir", str(tmp_path / "models"), "--queue-size", "1"]) as server:
+        slots = server.services.whisper.slots
+
+        def transcribe(samples, choice, options, progress=None):
+            def waiting(fraction, message):
+                assert message == "waiting: 2 transcriptions already running on this server"
+                with lock:
+                    state["waiting"] += 1
+
+            with slots.turn(waiting):  # the real service decodes inside a work slot too
+                with lock:
+                    state["active"] += 1
+                    state["peak"] = max(state["peak"], state["active"])
+                release_whisper.wait(120)
+                with lock:
+                    state["active"] -= 1
+            text = f"clip of {samples.size} samples"
+            return Transcript(text=text, language="en", segments=(Segment(0.0, 1.0, text),), duration=1.0)
+
+        def generate(options, pose_image, **kwargs):
+            state["images"] += 1
+            image_started.set()
+            release_image.wait(120)
+            return SimpleNamespace(save=lambda folder: [pose], seeds=[options.seed], elapsed=0.0, warnings=[],
+                                   extra={"precision": kwargs.get("precision", "fp16"), "timings": {}})
+
         server.services.whisper.transcribe = transcribe  # stand-ins that wait until released
         server.services.image.generate = generate
         client = Client(server.url, verbose=False)
@@ -467,8 +478,10 @@ def test_queue_runs_each_kind_within_its_limit_and_refuses_when_full(tmp_path):
             wait_for(image_started.is_set)
             jobs = [submit_clip(0), submit_clip(1)]
             wait_for(lambda: state["active"] == 2)
-            jobs.append(submit_clip(2))
-            # the third is queued (its upload can take a while on a busy machine), and waits its turn
+            jobs += [submit_clip(2), submit_clip(3)]
+            wait_for(lambda: state["waiting"] == 2)  # let in, waiting for a work slot
+            jobs.append(submit_clip(4))
+            # the fifth is queued (its upload can take a while on a busy machine), and waits its turn
             wait_for(lambda: len(server.demo._queue) == 1)
             time.sleep(0.5)
             assert state["active"] == 2
@@ -479,7 +492,7 @@ def test_queue_runs_each_kind_within_its_limit_and_refuses_when_full(tmp_path):
             assert full.status_code == 503
             assert "busy" in full.json()["detail"] and "try again" in full.json()["detail"]
             with pytest.raises(Exception, match="Queue is full"):
-                submit_clip(3).result(timeout=60)
+                submit_clip(5).result(timeout=60)
 
             release_whisper.set()
             results = [job.result(timeout=60) for job in jobs]
@@ -487,13 +500,50 @@ def test_queue_runs_each_kind_within_its_limit_and_refuses_when_full(tmp_path):
                 assert text == f"clip of {int(round((1.0 + 0.25 * i) * 16000))} samples"
             # the image generation still runs, and transcriptions go on beside it
             assert not image_job.done() and state["images"] == 1
-            assert submit_clip(3).result(timeout=60)[0].startswith("clip of")
+            assert submit_clip(5).result(timeout=60)[0].startswith("clip of")
             assert state["peak"] == 2
         finally:
             release_whisper.set()
             release_image.set()
         gallery, summary = image_job.result(timeout=60)
         assert len(gallery) == 1 and "1 image" in summary
+
+
+def test_a_model_being_converted_does_not_hold_up_transcriptions_on_a_ready_one(tmp_path, tiny_whisper_ir,
+                                                                              english_clip):
+    """One work slot (whisper=1): a visitor's new hub model downloading and converting for minutes must
+    not keep the next visitor, whose model is ready, waiting; the work slot is for decoding only."""
+    from gradio_client import Client, handle_file
+
+    from pipelines.model_store import ModelUnavailable
+
+    with running(["--models-dir", str(tmp_path / "models"), "--concurrency", "whisper=1"]) as server:
+        store = server.services.whisper.store
+        real_resolve, converting, finish = store.resolve, threading.Event(), threading.Event()
+
+        def slow_resolve(reference, precision="fp16", progress=None, revision="main"):
+            if reference == "someone/whisper-new":  # stands in for a long download and conversion
+                converting.set()
+                finish.wait(120)
+                raise ModelUnavailable("someone/whisper-new could not be downloaded (test).")
+            return real_resolve(reference, precision, progress, revision)
+
+        store.resolve = slow_resolve
+        client = Client(server.url, verbose=False)
+
+        def submit(model):
+            return client.submit(audio=handle_file(str(english_clip)), media_file=None, model=model,
+                                 api_name="/transcribe")
+
+        try:
+            new_model = submit("someone/whisper-new")
+            assert converting.wait(60)
+            text, _language, _segments, files = submit(str(tiny_whisper_ir)).result(timeout=120)
+            assert not new_model.done() and files  # done while the other request still converts
+        finally:
+            finish.set()
+        with pytest.raises(Exception, match="could not be downloaded"):
+            new_model.result(timeout=60)
 
 
 # =========================================================================== preload and the API client

@@ -123,10 +123,12 @@ def announce_whisper_load(whisper, choice: ModelChoice, report: ProgressFn) -> N
         report(0.0, int8_first_use_note(choice.model) if choice.precision == "int8" else f"load {choice.model}")
 
 
-def load_whisper(whisper, choice: ModelChoice, report: ProgressFn) -> None:
-    """Load ``choice`` (once; converting and, for INT8, quantizing on first use), saying so in the progress."""
+def prepare_whisper(whisper, choice: ModelChoice, report: ProgressFn,
+                    options: Optional[TranscribeOptions] = None) -> None:
+    """Get ``choice`` ready on disk (converting and, for INT8, quantizing on first use), saying so in the
+    progress; before a comparison takes its work slot, so that waiting is not part of its timing."""
     announce_whisper_load(whisper, choice, report)
-    whisper.load(choice, report)
+    whisper.prepare(choice, report, options)
 
 
 # --------------------------------------------------------------------------- progress and text

@@ -22,7 +22,7 @@ from pipelines.devices import validate_device
 from pipelines.model_store import ModelUnavailable
 from pipelines.pose import NoPersonFound
 from pipelines.services import Services
-from pipelines.types import TranscribeOptions
+from pipelines.types import PRECISIONS, TranscribeOptions
 from pipelines.whisper_models import translation_refusal
 
 from .common import (announce_whisper_load, check_precision, compare_columns, compare_precisions,
@@ -315,8 +315,11 @@ def make_generate_compare_handler(services: Services, cancels: CancelRegistry):
             if options.seed == -1:  # one random seed, the same for both
                 options = replace(options, seed=random.SystemRandom().randrange(0, image_pipeline.MAX_SEED + 1))
 
+            for precision in PRECISIONS:  # downloads, conversion, quantizing: before taking a work slot
+                _announce_image_load(services, refs, dev, precision, report)
+                services.image.prepare(refs["sd_ref"], refs["controlnet_ref"], dev, precision, report)
+
             def load(precision: str, part) -> None:
-                _announce_image_load(services, refs, dev, precision, part)
                 pipeline = services.image.get_pipeline(refs["sd_ref"], refs["controlnet_ref"], dev, part,
                                                        precision=precision)
                 part(0.0, f"compile the image models for {options.width}x{options.height}")  # not in the timed run
@@ -327,7 +330,8 @@ def make_generate_compare_handler(services: Services, cancels: CancelRegistry):
                     options, pose_image, **refs, device=dev, cancel=cancel, load_progress=part, precision=precision,
                     progress=lambda done, total: part(done / max(total, 1), f"denoising step {done} of {total}"))
 
-            runs = compare_precisions(load, run, report)
+            with services.image.slots.turn(report):  # one slot for both runs: neither waits in its timing
+                runs = compare_precisions(load, run, report)
         folder = request_dir("image-compare")
         paths = {r.precision: [str(p) for p in r.value.save(folder, prefix=r.precision)] for r in runs}
         per_step = [_seconds_per_step(r.value) or r.seconds / max(options.steps * options.num_images, 1)

@@ -16,7 +16,7 @@ from pipelines.subtitles import CueRules, write_outputs
 from pipelines.types import Transcript
 
 from .common import (agreement_text, announce_whisper_load, compare_columns, compare_precisions,
-                     language_dropdown, load_whisper, progress_fn, request_dir, speed_summary, task_radio,
+                     language_dropdown, prepare_whisper, progress_fn, request_dir, speed_summary, task_radio,
                      whisper_pickers, whisper_request)
 
 log = logging.getLogger(__name__)
@@ -123,10 +123,13 @@ def make_transcribe_compare_handler(services: Services):
                         for p in ("fp16", "int8")}
             report(0.0, "decode audio")
             _source, samples = _samples(services, audio, media_file)
-            runs = compare_precisions(
-                lambda p, part: load_whisper(services.whisper, requests[p][0], part),
-                lambda p, part: services.whisper.transcribe(samples, *requests[p], part),
-                report)
+            for choice, options in requests.values():
+                prepare_whisper(services.whisper, choice, report, options)
+            with services.whisper.slots.turn(report):  # one slot for both runs: neither waits in its timing
+                runs = compare_precisions(
+                    lambda p, part: services.whisper.load(requests[p][0], part),
+                    lambda p, part: services.whisper.transcribe(samples, *requests[p], part),
+                    report)
         except USER_ERRORS as exc:
             raise gr.Error(str(exc)) from exc
         fp16, int8 = runs
@@ -165,7 +168,7 @@ def build_speech_tab(services: Services) -> None:
         outputs=[text, detected, segments, files],
         api_name="transcribe",
         concurrency_id="whisper",
-        concurrency_limit=settings.concurrency["whisper"],
+        concurrency_limit=settings.queue_limit("whisper"),
     )
     compare.click(
         make_transcribe_compare_handler(services),
@@ -173,5 +176,5 @@ def build_speech_tab(services: Services) -> None:
         outputs=compared + [compare_summary],
         api_name="transcribe_compare",
         concurrency_id="whisper",
-        concurrency_limit=settings.concurrency["whisper"],
+        concurrency_limit=settings.queue_limit("whisper"),
     )

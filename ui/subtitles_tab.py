@@ -16,7 +16,7 @@ from pipelines.services import Services
 from pipelines.subtitles import CueRules, make_cues, write_outputs
 
 from .common import (PrecisionRun, agreement_text, compare_columns, compare_precisions, language_dropdown,
-                     load_whisper, part_of, progress_fn, speed_summary, task_radio, whisper_pickers, whisper_request,
+                     part_of, prepare_whisper, progress_fn, speed_summary, task_radio, whisper_pickers, whisper_request,
                      working_dir)
 
 USER_ERRORS = (youtube.YouTubeError, video.MediaError, subtitle_job.SubtitleInputError, AudioError,
@@ -62,9 +62,11 @@ class _TimedWhisper:
         self.wav = Path(wav_path)  # first: the caller deletes it however the run ends
         report = part_of(progress, 0.0, 1.0, self.label)
         started = time.perf_counter()
-        load_whisper(self.whisper, choice, report)
-        loaded = time.perf_counter()
-        transcript = self.whisper.transcribe_file(wav_path, choice, options, report)
+        prepare_whisper(self.whisper, choice, report, options)
+        with self.whisper.slots.turn(report):  # the timed run never waits for a slot
+            self.whisper.load(choice, report)
+            loaded = time.perf_counter()
+            transcript = self.whisper.transcribe_file(wav_path, choice, options, report)
         self.run = PrecisionRun(choice.precision, transcript, time.perf_counter() - loaded, loaded - started)
         return transcript
 
@@ -178,13 +180,16 @@ def make_subtitles_compare_handler(services: Services, yt_factory=youtube.YouTub
             request = _request(services, url, video_file, model, "fp16", device, task, language, max_line_chars,
                                max_duration)
             int8_choice = replace(request.choice, precision="int8")
+            prepare_whisper(services.whisper, int8_choice, report, request.options)  # quantized before the FP16 run
             with working_dir("subtitles-compare") as work_dir:
                 result = subtitle_job.make_subtitles(first, request, work_dir, part_of(report, 0.0, 0.5), yt_factory,
                                                      keep_audio=True)  # the INT8 run transcribes the same WAV
-                second = compare_precisions(
-                    lambda p, part: load_whisper(services.whisper, int8_choice, part),
-                    lambda p, part: services.whisper.transcribe_file(first.wav, int8_choice, request.options, part),
-                    part_of(report, 0.5, 1.0), precisions=("int8",))
+                with services.whisper.slots.turn(report):
+                    second = compare_precisions(
+                        lambda p, part: services.whisper.load(int8_choice, part),
+                        lambda p, part: services.whisper.transcribe_file(first.wav, int8_choice, request.options,
+                                                                         part),
+                        part_of(report, 0.5, 1.0), precisions=("int8",))
         except USER_ERRORS as exc:
             raise gr.Error(_message(exc)) from exc
         finally:
@@ -232,7 +237,7 @@ def build_subtitles_tab(services: Services) -> None:
         compare_summary = gr.Textbox(label="Comparison", interactive=False)
         compare_files = gr.File(label="Downloads (FP16 and INT8 SRT, WebVTT)", file_count="multiple")
     url.blur(make_info_handler(), inputs=[url], outputs=[info, thumbnail], api_name="video_info",
-             concurrency_id="network", concurrency_limit=settings.concurrency["network"])
+             concurrency_id="network", concurrency_limit=settings.queue_limit("network"))
     run.click(
         make_subtitles_handler(services),
         inputs=[url, video_file, model, precision, device, task, language, max_line_chars, max_duration,
@@ -240,7 +245,7 @@ def build_subtitles_tab(services: Services) -> None:
         outputs=[player, cues, files],
         api_name="subtitles",
         concurrency_id="whisper",
-        concurrency_limit=settings.concurrency["whisper"],
+        concurrency_limit=settings.queue_limit("whisper"),
     )
     compare.click(
         make_subtitles_compare_handler(services),
@@ -248,5 +253,5 @@ def build_subtitles_tab(services: Services) -> None:
         outputs=compared + [compare_summary, compare_files],
         api_name="subtitles_compare",
         concurrency_id="whisper",
-        concurrency_limit=settings.concurrency["whisper"],
+        concurrency_limit=settings.queue_limit("whisper"),
     )

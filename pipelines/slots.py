@@ -1,0 +1,41 @@
+"""Work slots: how many heavy runs (transcriptions, image generations) go on at once.
+
+Gradio's queue admits a few more requests of a kind than there are slots. The extra ones download,
+convert or quantize their models, fetch videos and extract audio meanwhile, and take a slot only to
+compile and run. So a visitor who picks a model nobody has used yet does not hold up everyone
+whose model is ready.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+from .cache import ProgressFn, no_progress
+
+
+class WorkSlots:
+    """At most ``count`` holders at a time; re-entrant per thread (a compare holds one slot over both
+    of its runs, and the runs inside it do not wait for a second)."""
+
+    def __init__(self, count: int, what: str):
+        self.count = max(1, int(count))
+        self.what = what
+        self._free = threading.BoundedSemaphore(self.count)
+        self._held = threading.local()
+
+    @contextmanager
+    def turn(self, progress: ProgressFn = no_progress, fraction: float = 0.0) -> Iterator[None]:
+        """Hold a slot for the ``with`` block; while waiting for one, ``progress`` says so."""
+        depth = getattr(self._held, "depth", 0)
+        if depth == 0 and not self._free.acquire(blocking=False):
+            runs = "1 " + self.what if self.count == 1 else f"{self.count} {self.what}s"
+            progress(fraction, f"waiting: {runs} already running on this server")
+            self._free.acquire()
+        self._held.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._held.depth = depth
+            if depth == 0:
+                self._free.release()
