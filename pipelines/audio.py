@@ -101,30 +101,48 @@ def load_audio(path: Path | str, max_seconds: Optional[float] = None) -> np.ndar
     return check_audio(audio, Path(path).name)
 
 
-def duration_text(seconds: float, above: Optional[float] = None) -> str:
-    """'3 hours', '90 minutes', '45 seconds': a limit or a length as people say it.
-
-    ``above``: a limit the length is over; rounding never makes it read as the limit or less
-    (180.3 minutes over 3 hours read "181 minutes", 200 s over a minute "3 minutes").
-    """
+def _spoken(seconds: float) -> tuple[int, int, str]:
+    """(count, seconds per unit, unit name) of a length as people say it."""
     if seconds >= 2 * 3600 and seconds % 3600 == 0:
-        return f"{seconds / 3600:.0f} hours"
-    unit, name = (60, "minutes") if seconds >= 120 else (1, "seconds")
-    count = round(seconds / unit)
-    if above is not None and count * unit <= above:
-        count = math.ceil(seconds / unit)
+        return round(seconds / 3600), 3600, "hours"
+    if seconds >= 120:
+        return round(seconds / 60), 60, "minutes"
+    return round(seconds), 1, "seconds"
+
+
+def duration_text(seconds: float) -> str:
+    """'3 hours', '90 minutes', '45 seconds': a limit or a length as people say it."""
+    count, _unit, name = _spoken(seconds)
     return f"{count} {name}"
 
 
-def too_long(what: str, seconds: Optional[float], max_seconds: float, at_least: bool = False) -> Optional[str]:
-    """"The video is 181 minutes long; this server accepts up to 3 hours." or None when it fits.
+def clock_text(seconds: float) -> str:
+    """'3:00:20', '2:50', '0:46'."""
+    hours, rest = divmod(int(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
-    ``at_least``: only a lower bound of the length is known (decoding stopped at the limit).
+
+def too_long(what: str, seconds: Optional[float], max_seconds: float, at_least: bool = False) -> Optional[str]:
+    """"The video is 240 minutes long; this server accepts up to 3 hours." or None when it fits.
+
+    A length so close to the limit that rounding would make it read as the limit (or less) is given
+    to the second: "3:00:20 long; this server accepts up to 3:00:00". ``at_least``: only a lower
+    bound of the length is known (decoding stopped at the limit).
     """
     if not seconds or seconds <= max_seconds:
         return None
-    length = f"more than {duration_text(max_seconds)}" if at_least else duration_text(seconds, above=max_seconds)
-    return f"{what} is {length} long; this server accepts up to {duration_text(max_seconds)}."
+    limit = duration_text(max_seconds)
+    if at_least:
+        length = f"more than {limit}"
+    else:
+        count, unit, _name = _spoken(seconds)
+        limit_count, limit_unit, _name = _spoken(max_seconds)
+        if count * unit > limit_count * limit_unit:
+            length = duration_text(seconds)
+        else:
+            length, limit = clock_text(math.ceil(seconds)), clock_text(math.floor(max_seconds))
+    return f"{what} is {length} long; this server accepts up to {limit}."
 
 
 def _refuse_longer(seconds: float, max_seconds: float, at_least: bool = False) -> None:

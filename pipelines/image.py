@@ -820,6 +820,7 @@ class ImageService:
         self._guard = threading.Lock()
         self._key_locks: dict[tuple, threading.Lock] = {}
         self._pipelines: dict[tuple, OVControlNetPipeline] = {}
+        self._prepared: dict[tuple, dict[str, Path]] = {}  # (sd, controlnet, precision) -> model_folders()
         self._core = None
 
     def _key(self, sd_ref, controlnet_ref, device, precision="fp16") -> tuple:
@@ -872,10 +873,13 @@ class ImageService:
                 precision: str = "fp16", progress: ProgressFn = no_progress) -> None:
         """Download, convert and quantize what :meth:`get_pipeline` will need, unless it is loaded:
         work done outside the work slots (quantizing takes one, see :meth:`model_folders`)."""
+        key = self._key(sd_ref, controlnet_ref, device, precision)
         with self._guard:
-            if self._key(sd_ref, controlnet_ref, device, precision) in self._pipelines:
+            if key in self._pipelines:
                 return
-        self.model_folders(sd_ref, controlnet_ref, precision, progress=progress)
+        folders = self.model_folders(sd_ref, controlnet_ref, precision, progress=progress)
+        with self._guard:  # get_pipeline takes these as they are: no second hub check inside the slot
+            self._prepared[(key[0], key[1], key[3])] = folders
 
     def get_pipeline(
         self,
@@ -900,7 +904,10 @@ class ImageService:
             if pipeline is not None:
                 return pipeline
             sd, cn, dev, precision = key
-            folders = self.model_folders(sd, cn, precision, progress=progress)
+            with self._guard:
+                folders = self._prepared.get((sd, cn, precision))
+            if folders is None or not all(Path(folders[k]).is_file() for k in ("unet_xml", "controlnet_xml")):
+                folders = self.model_folders(sd, cn, precision, progress=progress)
             if self._core is None:
                 import openvino as ov
 
@@ -952,8 +959,14 @@ class ImageService:
         """
         precision = check_precision(precision)
         pose = check_inputs(options, pose_image)  # fail fast, before any conversion or loading
+        def stop_if_cancelled() -> None:
+            if _cancelled(cancel):
+                raise GenerationCancelled("Image generation was cancelled before it started.")
+
         self.prepare(sd_ref, controlnet_ref, device, precision, load_progress)
-        with self.slots.turn(load_progress, 0.95):
+        stop_if_cancelled()
+        with self.slots.turn(load_progress, 0.95, while_waiting=stop_if_cancelled):
+            stop_if_cancelled()
             pipeline = self.get_pipeline(sd_ref, controlnet_ref, device, progress=load_progress, precision=precision)
             return pipeline(options, pose, progress=progress, cancel=cancel)
 

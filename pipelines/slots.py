@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .cache import ProgressFn, no_progress
 
@@ -25,13 +25,16 @@ class WorkSlots:
         self._held = threading.local()
 
     @contextmanager
-    def turn(self, progress: ProgressFn = no_progress, fraction: float = 0.0) -> Iterator[None]:
-        """Hold a slot for the ``with`` block; while waiting for one, ``progress`` says so."""
+    def turn(self, progress: ProgressFn = no_progress, fraction: float = 0.0,
+             while_waiting: Callable[[], None] = lambda: None) -> Iterator[None]:
+        """Hold a slot for the ``with`` block; while waiting for one, ``progress`` says so and
+        ``while_waiting()`` is called about every 0.2 s (it may raise to give up, e.g. on cancel)."""
         depth = getattr(self._held, "depth", 0)
         if depth == 0 and not self._free.acquire(blocking=False):
-            runs = "1 " + self.what if self.count == 1 else f"{self.count} {self.what}s"
-            progress(fraction, f"waiting: {runs} already running on this server")
-            self._free.acquire()
+            slots = f"the {self.what} slot" if self.count == 1 else f"one of the {self.count} {self.what} slots"
+            progress(fraction, f"waiting for {slots} of this server")
+            while not self._free.acquire(timeout=0.2):
+                while_waiting()
         self._held.depth = depth + 1
         try:
             yield

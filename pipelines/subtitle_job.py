@@ -7,6 +7,7 @@ an hour of video never sits in memory as one array.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -85,7 +86,7 @@ def make_subtitles(
         except youtube.NoSuitableStream:
             player = media  # no progressive stream to preview: subtitles from the audio alone
     elif request.video_path:
-        media = player = Path(request.video_path)
+        media = player = _own_link(Path(request.video_path), work_dir)
     else:
         raise SubtitleInputError("Give a YouTube link or upload a video file.")
     # 2. its audio track as 16 kHz mono WAV
@@ -123,6 +124,19 @@ def make_subtitles(
         result.notes.append("No speech was found, so there are no subtitles.")
     progress(1.0, "done")
     return result
+
+
+def _own_link(path: Path, work_dir: Path) -> Path:
+    """The job's own hard link to an uploaded file (in ``work_dir/source/``, same name): the uploader's
+    copy may be swept by age (Gradio's cache) while a long job still reads it. Across file systems,
+    or for a missing file, the path itself."""
+    target = work_dir / "source" / path.name
+    try:
+        target.parent.mkdir(exist_ok=True)
+        os.link(path, target)
+    except OSError:
+        return path
+    return target
 
 
 def _stem(info: Optional[youtube.VideoInfo], media: Path) -> str:

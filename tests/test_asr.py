@@ -218,10 +218,15 @@ def test_loading_a_model_loads_the_voice_activity_model_too(whisper_store, choic
 
 @pytest.mark.parametrize("seconds, limit, expected", [
     (200, 60, "The audio is 3 minutes long; this server accepts up to 60 seconds."),
-    (3 * 3600 + 20, 3 * 3600, "The audio is 181 minutes long; this server accepts up to 3 hours."),
     (4 * 3600, 3 * 3600, "The audio is 4 hours long; this server accepts up to 3 hours."),
-    (45.4, 45, "The audio is 46 seconds long; this server accepts up to 45 seconds."),
-    (90 * 60 + 10, 90 * 60, "The audio is 91 minutes long; this server accepts up to 90 minutes."),
+    (4 * 3600 + 20, 3 * 3600, "The audio is 240 minutes long; this server accepts up to 3 hours."),
+    (91 * 60, 90 * 60, "The audio is 91 minutes long; this server accepts up to 90 minutes."),
+    # so close that rounding would read as the limit: to the second
+    (3 * 3600 + 20, 3 * 3600, "The audio is 3:00:20 long; this server accepts up to 3:00:00."),
+    (90 * 60 + 10, 90 * 60, "The audio is 1:30:10 long; this server accepts up to 1:30:00."),
+    (170, 165, "The audio is 2:50 long; this server accepts up to 2:45."),
+    (45.4, 45, "The audio is 0:46 long; this server accepts up to 0:45."),
+    (45.9, 45.5, "The audio is 0:46 long; this server accepts up to 0:45."),
     (60, 60, None),
     (None, 60, None),
 ])
@@ -254,4 +259,24 @@ def test_work_slots_take_turns_say_so_while_waiting_and_are_reentrant():
         order.append("first done")
     other.join(10)
     assert order == ["nested", "first done", "other"]
-    assert messages == ["waiting: 1 transcription already running on this server"]
+    assert messages == ["waiting for the transcription slot of this server"]
+
+
+def test_a_transcription_decodes_only_in_a_work_slot(whisper_store, choice, english_clip):
+    """The model gets ready outside the slots; decoding waits for a free one and says so."""
+    service = WhisperService(whisper_store, workers=1)
+    audio = load_audio(english_clip)
+    messages, results = [], []
+    with service.slots.turn():  # another request is decoding
+        worker = threading.Thread(target=lambda: results.append(service.transcribe(
+            audio, choice, TranscribeOptions(language="en"), lambda fraction, message: messages.append(message))))
+        worker.start()
+        deadline = time.monotonic() + 120
+        while "waiting for the transcription slot of this server" not in messages:
+            assert time.monotonic() < deadline and worker.is_alive(), messages
+            time.sleep(0.05)
+        assert service.store.resolve(choice.model, "fp16").path.is_dir()  # ready on disk meanwhile
+        time.sleep(0.3)
+        assert not results and "find speech" not in messages
+    worker.join(120)
+    assert len(results) == 1 and results[0].language == "en"

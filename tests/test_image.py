@@ -456,10 +456,12 @@ def test_the_pipeline_being_replaced_is_released_before_quantizing_and_kept_afte
 
 
 def test_quantizing_waits_for_a_running_generation_and_converting_does_not(
-        cache_root, tiny_models, ir_folders, monkeypatch):
+        cache_root, tiny_models, ir_folders, pose_image, monkeypatch):
     """Getting models ready runs outside the work slot (a new model does not hold up generations on a
-    ready one), except quantizing: its FP16 pipeline and NNCF need the memory a generation holds."""
+    ready one), except quantizing: its FP16 pipeline and NNCF need the memory a generation holds. A
+    request cancelled while it waits for the slot gives up."""
     from pipelines import quantize
+    from pipelines.image import GenerationCancelled
 
     sd, cn = str(tiny_models["sd"]), str(tiny_models["controlnet"])
     calibration = quantize.SDCalibration(subset_size=3, steps=2, width=128, height=128)  # never made: see above
@@ -469,33 +471,67 @@ def test_quantizing_waits_for_a_running_generation_and_converting_does_not(
     class Stop(Exception):
         pass
 
-    quantized, messages, errors = threading.Event(), [], []
+    quantized, messages, outcomes = threading.Event(), [], {}
 
     def spy(*args, **kwargs):
         quantized.set()
         raise Stop
 
-    def prepare_int8():
-        try:
-            service.prepare(precision="int8", progress=lambda fraction, message: messages.append(message))
-        except Stop:
-            pass
-        except Exception as exc:  # noqa: BLE001 - asserted below
-            errors.append(exc)
+    def in_thread(name, work):
+        def run():
+            try:
+                outcomes[name] = work()
+            except Exception as exc:  # noqa: BLE001 - asserted below
+                outcomes[name] = exc
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    def wait_for(message, thread):
+        deadline = time.monotonic() + 60
+        while message not in messages:
+            assert time.monotonic() < deadline and thread.is_alive(), (messages, outcomes)
+            time.sleep(0.05)
 
     monkeypatch.setattr(quantize, "quantize_sd_int8", spy)
+    waiting = "waiting for the image generation slot of this server"
     with service.slots.turn():  # a generation is running
-        service.prepare(precision="fp16")  # FP16 folders (converted): ready without a slot
-        worker = threading.Thread(target=prepare_int8)
-        worker.start()
-        deadline = time.monotonic() + 60
-        while "waiting: 1 image generation already running on this server" not in messages:
-            assert time.monotonic() < deadline and worker.is_alive(), (messages, errors)
-            time.sleep(0.05)
+        converting = in_thread("fp16", lambda: service.prepare(precision="fp16"))
+        converting.join(120)  # FP16 folders: converted (or found) without a slot
+        assert not converting.is_alive() and outcomes["fp16"] is None
+
+        quantizing = in_thread("int8", lambda: service.prepare(
+            precision="int8", progress=lambda fraction, message: messages.append(message)))
+        wait_for(waiting, quantizing)
         time.sleep(0.3)
         assert not quantized.is_set()
-    worker.join(60)
-    assert quantized.is_set() and not errors
+
+        messages.clear()
+        cancel = threading.Event()
+        options = ImageOptions(prompt=PROMPT, seed=7, **FAST)
+        generating = in_thread("cancelled", lambda: service.generate(
+            options, pose_image, cancel=cancel, load_progress=lambda fraction, message: messages.append(message)))
+        wait_for(waiting, generating)
+        cancel.set()
+        generating.join(10)
+        assert isinstance(outcomes["cancelled"], GenerationCancelled)
+    quantizing.join(60)
+    assert quantized.is_set() and isinstance(outcomes["int8"], Stop)
+
+
+def test_loading_after_prepare_does_not_resolve_the_models_again(cache_root, tiny_models, ir_folders, monkeypatch):
+    """prepare() resolves the models (for hub ids: a commit check on the network) outside the work slot;
+    loading them inside the slot takes its folders as they are."""
+    sd, cn = str(tiny_models["sd"]), str(tiny_models["controlnet"])
+    service = ImageService(cache_root, sd_model=sd, controlnet_model=cn, ov_config=F32, local_files_only=True)
+    service.prepare()
+
+    def must_not_resolve(*args, **kwargs):
+        raise AssertionError("resolved again inside the work slot")
+
+    monkeypatch.setattr(service, "model_folders", must_not_resolve)
+    assert service.get_pipeline().info["precision"] == "fp16"
+    service.release()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -444,7 +444,7 @@ def test_queue_runs_each_kind_within_its_limit_and_refuses_when_full(tmp_path):
 
         def transcribe(samples, choice, options, progress=None):
             def waiting(fraction, message):
-                assert message == "waiting: 2 transcriptions already running on this server"
+                assert message == "waiting for one of the 2 transcription slots of this server"
                 with lock:
                     state["waiting"] += 1
 

@@ -447,8 +447,8 @@ def build_image_tab(services: Services) -> None:
         inputs=image_settings,
         outputs=compared + [compare_summary],
         api_name="generate_image_compare", concurrency_id="image")
-    # The handler stops running generations after their current step; `cancels` drops this browser's
-    # generations still waiting in the queue (the image queue runs one at a time).
+    # The handler sets this browser's cancel flags: a generation stops after its current step, one
+    # waiting for the image slot gives up; `cancels` drops those still waiting in Gradio's queue.
     cancel_button.click(make_cancel_handler(cancels), outputs=[summary], api_name="cancel_generation",
                         concurrency_limit=None, queue=False, cancels=[generating, comparing])
     if release_button is not None:

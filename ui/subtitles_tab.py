@@ -180,11 +180,11 @@ def make_subtitles_compare_handler(services: Services, yt_factory=youtube.YouTub
             request = _request(services, url, video_file, model, "fp16", device, task, language, max_line_chars,
                                max_duration)
             int8_choice = replace(request.choice, precision="int8")
-            prepare_whisper(services.whisper, int8_choice, report, request.options)  # quantized before the FP16 run
             with working_dir("subtitles-compare") as work_dir:
                 result = subtitle_job.make_subtitles(first, request, work_dir, part_of(report, 0.0, 0.5), yt_factory,
                                                      keep_audio=True)  # the INT8 run transcribes the same WAV
-                with services.whisper.slots.turn(report):
+                prepare_whisper(services.whisper, int8_choice, part_of(report, 0.5, 1.0, "INT8"), request.options)
+                with services.whisper.slots.turn(report, 0.5):  # each run takes a slot; neither timing waits
                     second = compare_precisions(
                         lambda p, part: services.whisper.load(int8_choice, part),
                         lambda p, part: services.whisper.transcribe_file(first.wav, int8_choice, request.options,
