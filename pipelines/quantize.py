@@ -149,6 +149,14 @@ def count_int8(xml_path: Path) -> dict[str, int]:
 #        bias correction off)                             so the convolutions and matmuls run on AMX-INT8
 # So SD INT8 is full post-training quantization of the two models run at every step, the UNet and
 # the ControlNet; the text encoder (once per image) and the VAE decoder (once, and sensitive) stay FP16.
+#
+# Except attention: measured on an AVX2-only CPU (AMD EPYC, no VNNI; per UNet call, CFG batch 2,
+# 512x512, static shapes, in turns), FP16 13.0 s, full PTQ 12.2 s (1.06x), PTQ with the
+# ScaledDotProductAttention nodes left alone 10.7-11.1 s (1.21-1.26x); ControlNet 5.08 / 4.31 / 4.03 s.
+# With INT8 inputs the CPU plugin splits attention into INT8 MatMuls and a separate Softmax, slower
+# than the fused attention kernel it runs otherwise (that does not depend on the instruction set).
+# The INT8 convolutions (jit_avx2_I8) are 2.2-2.5x faster than fp32 there; the INT8 fully
+# connected layers (jit_gemm_i8) gain nothing without VNNI but do with AMX, so they stay quantized.
 
 ENV_SD_CALIBRATION_PROMPTS = "VOICE_STUDIO_SD_CALIBRATION_PROMPTS"
 ENV_SD_CALIBRATION_POSES = "VOICE_STUDIO_SD_CALIBRATION_POSES"
@@ -158,9 +166,12 @@ SD_CALIBRATION_POSES = Path(__file__).parent / "data" / "calibration_poses.json"
 POSE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 SD_INT8_METHOD = (
     "INT8 post-training quantization of UNet and ControlNet (nncf.quantize, ModelType.TRANSFORMER, "
-    "bias correction off), calibrated on their inputs while the FP16 pipeline denoises; text encoder and VAE FP16"
+    "bias correction off, attention (ScaledDotProductAttention) left in FP16), calibrated on their inputs "
+    "while the FP16 pipeline denoises; text encoder and VAE FP16"
 )
-SD_INT8_FORMAT = 1  # bump when what the quantization writes changes: part of the cache key
+SD_INT8_FORMAT = 2  # bump when what the quantization writes changes: part of the cache key (2: attention FP16)
+#: Node types NNCF leaves unquantized: attention stays one fused kernel (see above).
+SD_INT8_IGNORED_TYPES = ("ScaledDotProductAttention",)
 
 
 @dataclass(frozen=True)
@@ -383,6 +394,8 @@ def quantize_sd_model(model, samples: list[dict]):
         subset_size=len(samples),
         model_type=nncf.ModelType.TRANSFORMER,
         advanced_parameters=nncf.AdvancedQuantizationParameters(disable_bias_correction=True),
+        # validate=False: a model exported without fused attention nodes is quantized all the same
+        ignored_scope=nncf.IgnoredScope(types=list(SD_INT8_IGNORED_TYPES), validate=False),
     )
 
 
@@ -395,8 +408,9 @@ def quantize_sd_int8(sd_folder: Path, controlnet_folder: Path, out_dir: Path, se
     SD1.5 + ControlNet OpenPose, 512x512, CFG), a denoising step takes 7.0 s in FP16, 7.9 s with
     INT8 weight-only compression (no speed-up: weights are dequantised before bf16 AMX matmuls) and
     5.4 s with ``nncf.quantize`` (ModelType.TRANSFORMER, bias correction off); 6.25 s vs 4.25 s
-    with static shapes. Only the UNet and ControlNet, which run at every step, are quantized; the
-    text encoder and VAE decoder stay FP16.
+    with static shapes. Attention nodes stay FP16 (measured on AVX2: quantizing them splits the fused
+    attention kernel and costs more than it saves). Only the UNet and ControlNet, which run at every
+    step, are quantized; the text encoder and VAE decoder stay FP16.
 
     Calibration data is gathered by running the FP16 pipeline (see :class:`SDCalibration`); then
     the ControlNet and the UNet are quantized one after the other, each freed before the next, to
@@ -445,7 +459,7 @@ def quantize_sd_int8(sd_folder: Path, controlnet_folder: Path, out_dir: Path, se
         "precision": "int8",
         "method": SD_INT8_METHOD,
         "nncf": {"function": "nncf.quantize", "model_type": "TRANSFORMER", "disable_bias_correction": True,
-                 "subset_size": settings.subset_size},
+                 "ignored_types": list(SD_INT8_IGNORED_TYPES), "subset_size": settings.subset_size},
         "calibration_samples": used["unet"],
         "calibration_samples_per_model": used,
         "calibration": (f"{settings.runs} FP16 images x {settings.steps} UniPC steps at {settings.width}x{settings.height}, "

@@ -125,6 +125,23 @@ def test_concurrent_first_requests_quantize_once_without_blocking_other_users(in
     assert int8_first["fp16"] is not None and int8_first["fp16"].info["precision"] == "fp16"
 
 
+def _attention_nodes(xml: Path) -> list:
+    import openvino as ov
+
+    return [op for op in ov.Core().read_model(xml).get_ops() if op.get_type_name() == "ScaledDotProductAttention"]
+
+
+def _fed_by_fake_quantize(node, depth: int = 4) -> bool:
+    """Whether a FakeQuantize reaches ``node``'s inputs through shape-only operations."""
+    for port in node.inputs():
+        source = port.get_source_output().get_node()
+        kind = source.get_type_name()
+        if kind == "FakeQuantize" or (depth and kind in ("Reshape", "Transpose", "Convert", "Squeeze", "Unsqueeze")
+                                      and _fed_by_fake_quantize(source, depth - 1)):
+            return True
+    return False
+
+
 def test_int8_ir_holds_int8_operations_and_marker_records_the_method(int8_service, int8_first, ir_folders):
     messages = int8_first["messages"]
     folders = int8_service.model_folders(precision="int8")
@@ -137,6 +154,9 @@ def test_int8_ir_holds_int8_operations_and_marker_records_the_method(int8_servic
         assert quantized["fake_quantize"] >= 10, (name, quantized)
         assert quantized["int8_constants"] >= 10, (name, quantized)  # weights stored as INT8
         assert original == {"fake_quantize": 0, "int8_constants": 0}
+        # attention stays one fused FP16 kernel: no FakeQuantize feeds it (through its reshapes)
+        attention = _attention_nodes(int8 / name)
+        assert attention and not [op for op in attention if _fed_by_fake_quantize(op)], name
     assert folders["unet_xml"] == int8 / "unet.xml" and folders["controlnet_xml"] == int8 / "controlnet.xml"
     # The text encoder and VAE stay the FP16 folder's: not copied.
     assert not (int8 / "text_encoder.xml").exists() and not (int8 / "vae_decoder.xml").exists()
@@ -146,6 +166,7 @@ def test_int8_ir_holds_int8_operations_and_marker_records_the_method(int8_servic
     assert "nncf.quantize" in marker["method"] and "TRANSFORMER" in marker["method"]
     assert "bias correction off" in marker["method"]
     assert marker["nncf"]["disable_bias_correction"] is True and marker["nncf"]["model_type"] == "TRANSFORMER"
+    assert marker["nncf"]["ignored_types"] == ["ScaledDotProductAttention"] and "attention" in marker["method"]
     assert marker["calibration_samples"] == 4 and marker["calibration_samples_per_model"] == {"controlnet": 4, "unet": 4}
     assert "shipped" in marker["calibration_sources"]["prompts"]
     assert "keypoint sets shipped" in marker["calibration_sources"]["poses"]
