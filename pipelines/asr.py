@@ -77,9 +77,13 @@ class WhisperService:
             while self._loaded:
                 self._retire_oldest()
 
+    @staticmethod
+    def _key(choice: ModelChoice) -> tuple[str, str, str]:
+        return choice.model, choice.precision, validate_device(choice.device)
+
     def load(self, choice: ModelChoice, progress: ProgressFn = no_progress) -> LoadedWhisper:
-        device = validate_device(choice.device)
-        key = (choice.model, choice.precision, device)
+        key = self._key(choice)
+        device = key[2]
         with self._guard:
             loaded = self._reuse(key)
             if loaded is not None:
@@ -221,7 +225,7 @@ class WhisperService:
             refusal = translation_refusal(choice.model) if options.task == "translate" else None
             if refusal:
                 raise TranscriptionRefused(refusal)
-        key = (choice.model, choice.precision, validate_device(choice.device))
+        key = self._key(choice)
         with self._guard:
             if key in self._loaded or key in self._retired:
                 return

@@ -877,9 +877,10 @@ class ImageService:
         with self._guard:
             if key in self._pipelines:
                 return
-        folders = self.model_folders(sd_ref, controlnet_ref, precision, progress=progress)
+        sd, cn, _device, precision = key
+        folders = self.model_folders(sd, cn, precision, progress=progress)
         with self._guard:  # get_pipeline takes these as they are: no second hub check inside the slot
-            self._prepared[(key[0], key[1], key[3])] = folders
+            self._prepared[(sd, cn, precision)] = folders
 
     def get_pipeline(
         self,

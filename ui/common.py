@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -21,6 +21,7 @@ import gradio as gr
 from pipelines.asr import TranscriptionRefused
 from pipelines.cache import folder_held, folder_in_use
 from pipelines.devices import available_devices, validate_device
+from pipelines.slots import WorkSlots
 from pipelines.types import PRECISIONS, ModelChoice, TranscribeOptions
 from pipelines.whisper_models import CATALOGUE, LANGUAGES, translation_refusal
 
@@ -158,22 +159,25 @@ class PrecisionRun:
 
 
 def compare_precisions(load: Callable[[str, ProgressFn], Any], run: Callable[[str, ProgressFn], Any],
-                       report: ProgressFn, precisions: Sequence[str] = PRECISIONS) -> list[PrecisionRun]:
+                       report: ProgressFn, precisions: Sequence[str] = PRECISIONS,
+                       slots: Optional[WorkSlots] = None) -> list[PrecisionRun]:
     """Run the same work at each precision, one after the other, and time each run.
 
     For each precision ``load(precision, progress)`` gets the model ready first (converting and, for
     INT8, quantizing on first use: not part of the time), then ``run(precision, progress)`` does the
     work, timed. One precision at a time, so a server that keeps one model loaded still compares
-    fairly.
+    fairly. With ``slots`` one work slot is held over all the runs, so no timing includes waiting
+    for one (prepare the models before: that work needs no slot).
     """
     runs = []
-    for index, precision in enumerate(precisions):
-        part = part_of(report, index / len(precisions), (index + 1) / len(precisions), precision.upper())
-        started = time.perf_counter()
-        load(precision, part)
-        loaded = time.perf_counter()
-        value = run(precision, part)
-        runs.append(PrecisionRun(precision, value, time.perf_counter() - loaded, loaded - started))
+    with slots.turn(report) if slots is not None else nullcontext():
+        for index, precision in enumerate(precisions):
+            part = part_of(report, index / len(precisions), (index + 1) / len(precisions), precision.upper())
+            started = time.perf_counter()
+            load(precision, part)
+            loaded = time.perf_counter()
+            value = run(precision, part)
+            runs.append(PrecisionRun(precision, value, time.perf_counter() - loaded, loaded - started))
     report(1.0, "done")
     return runs
 

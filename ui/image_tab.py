@@ -330,8 +330,7 @@ def make_generate_compare_handler(services: Services, cancels: CancelRegistry):
                     options, pose_image, **refs, device=dev, cancel=cancel, load_progress=part, precision=precision,
                     progress=lambda done, total: part(done / max(total, 1), f"denoising step {done} of {total}"))
 
-            with services.image.slots.turn(report):  # one slot for both runs: neither waits in its timing
-                runs = compare_precisions(load, run, report)
+            runs = compare_precisions(load, run, report, slots=services.image.slots)
         folder = request_dir("image-compare")
         paths = {r.precision: [str(p) for p in r.value.save(folder, prefix=r.precision)] for r in runs}
         per_step = [_seconds_per_step(r.value) or r.seconds / max(options.steps * options.num_images, 1)

@@ -125,11 +125,10 @@ def make_transcribe_compare_handler(services: Services):
             _source, samples = _samples(services, audio, media_file)
             for choice, options in requests.values():
                 prepare_whisper(services.whisper, choice, report, options)
-            with services.whisper.slots.turn(report):  # one slot for both runs: neither waits in its timing
-                runs = compare_precisions(
-                    lambda p, part: services.whisper.load(requests[p][0], part),
-                    lambda p, part: services.whisper.transcribe(samples, *requests[p], part),
-                    report)
+            runs = compare_precisions(
+                lambda p, part: services.whisper.load(requests[p][0], part),
+                lambda p, part: services.whisper.transcribe(samples, *requests[p], part),
+                report, slots=services.whisper.slots)
         except USER_ERRORS as exc:
             raise gr.Error(str(exc)) from exc
         fp16, int8 = runs
