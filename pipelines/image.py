@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from . import cpu_int8
 from .cache import AtomicFolderCache, ProgressFn, no_progress
 from .sd_convert import (
     CONTROLNET_IR,
@@ -484,9 +485,15 @@ class OVControlNetPipeline:
             self._compiled.pop(name, None)  # free the old one before compiling its replacement
             core = self._get_core()
             source = self._sources[name]
-            if key is not None:
+            # INT8 matmuls run as 1x1 convolutions on CPUs where that is faster (see cpu_int8)
+            as_convolutions = (self.info.get("precision") == "int8" and name in ("controlnet", "unet")
+                               and cpu_int8.matmuls_as_convolutions(self.device, tuple(core.available_devices)))
+            if key is not None or as_convolutions:
                 model = source.clone() if hasattr(source, "clone") else core.read_model(str(source))
-                model.reshape({k: list(v) for k, v in key})
+                if key is not None:
+                    model.reshape({k: list(v) for k, v in key})
+                if as_convolutions:
+                    cpu_int8.int8_matmuls_as_convolutions(model)
             else:
                 model = str(source) if isinstance(source, Path) else source
             try:

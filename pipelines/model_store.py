@@ -293,7 +293,8 @@ class WhisperModelStore:
 
         The revision (bundled package version, local folder fingerprint or hub revision) is part of the
         path, so a retrained checkpoint or an upgraded bundled package never reuses an old INT8 model;
-        so are the converter versions, the method and, for ``calibrated``, the calibration audio.
+        so are the converter versions, the method and, for ``calibrated``, the calibration audio and
+        the overflow fix (7-bit weights on CPUs whose INT8 kernels saturate).
         """
         if base.source == "local-ir":  # the user's own folder: never write into it
             parent = self.root / "whisper" / slug(base.reference) / folder_fingerprint(base.path)
@@ -305,6 +306,8 @@ class WhisperModelStore:
 
             audio = quantize.calibration_folder(self.calibration_dir)
             kind = "ptq-" + (folder_fingerprint(audio) if audio is not None else "espeak")
+            if quantize.encoder_overflow_fix() == "enable":  # 7-bit weights where INT8 kernels saturate
+                kind += "-of"
         return parent / f"int8-{versions_key()}-{kind}"
 
     @staticmethod

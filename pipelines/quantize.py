@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from . import cpu_int8
 from .audio import AudioError, load_audio
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,9 @@ def quantize_whisper(fp16_dir: Path, out_dir: Path, clips: Sequence[np.ndarray])
     from optimum.intel import (OVConfig, OVModelForSpeechSeq2Seq, OVPipelineQuantizationConfig,
                                OVQuantizationConfig, OVQuantizer, OVWeightQuantizationConfig)
 
+    overflow_fix = encoder_overflow_fix()
     config = OVPipelineQuantizationConfig(
-        {"encoder": OVQuantizationConfig(smooth_quant_alpha=ENCODER_SMOOTH_QUANT_ALPHA),
+        {"encoder": OVQuantizationConfig(smooth_quant_alpha=ENCODER_SMOOTH_QUANT_ALPHA, overflow_fix=overflow_fix),
          "decoder": OVWeightQuantizationConfig(bits=8, sym=False)},
         num_samples=len(clips), processor=str(fp16_dir))
     model = OVModelForSpeechSeq2Seq.from_pretrained(fp16_dir, compile=False)
@@ -117,8 +119,15 @@ def quantize_whisper(fp16_dir: Path, out_dir: Path, clips: Sequence[np.ndarray])
                        save_directory=out_dir)
     for tokenizer_file in Path(fp16_dir).glob("openvino_*tokenizer.*"):
         shutil.copy2(tokenizer_file, Path(out_dir) / tokenizer_file.name)
-    return {"encoder": f"INT8 post-training quantization (SmoothQuant alpha {ENCODER_SMOOTH_QUANT_ALPHA})",
+    return {"encoder": f"INT8 post-training quantization (SmoothQuant alpha {ENCODER_SMOOTH_QUANT_ALPHA}, "
+                       f"overflow fix {overflow_fix})",
             "decoder": "INT8 weight-only (asymmetric, per channel)", "calibration_clips": len(clips)}
+
+
+def encoder_overflow_fix() -> str:
+    """NNCF's overflow fix for the calibrated Whisper encoder made on this CPU: ``enable`` where INT8
+    kernels saturate (:mod:`pipelines.cpu_int8`), else optimum-intel's default ``disable``."""
+    return cpu_int8.overflow_fix("disable")
 
 
 def count_int8(xml_path: Path) -> dict[str, int]:
@@ -156,7 +165,10 @@ def count_int8(xml_path: Path) -> dict[str, int]:
 # With INT8 inputs the CPU plugin splits attention into INT8 MatMuls and a separate Softmax, slower
 # than the fused attention kernel it runs otherwise (that does not depend on the instruction set).
 # The INT8 convolutions (jit_avx2_I8) are 2.2-2.5x faster than fp32 there; the INT8 fully
-# connected layers (jit_gemm_i8) gain nothing without VNNI but do with AMX, so they stay quantized.
+# connected layers (jit_gemm_i8) gain nothing without VNNI but do with AMX, so they stay quantized,
+# and on such a CPU they are compiled as INT8 1x1 convolutions instead (pipelines/cpu_int8.py:
+# UNet call 1.25x -> 1.5x faster than FP16). There too, INT8 kernels without VNNI saturate int16
+# sums, so the weights are quantized on 7 bits (NNCF's overflow fix; sd_overflow_fix()).
 
 ENV_SD_CALIBRATION_PROMPTS = "VOICE_STUDIO_SD_CALIBRATION_PROMPTS"
 ENV_SD_CALIBRATION_POSES = "VOICE_STUDIO_SD_CALIBRATION_POSES"
@@ -241,8 +253,13 @@ class SDCalibration:
             "prompts": prompt_source, "poses": pose_source, "subset_size": self.subset_size, "steps": self.steps,
             "size": f"{self.width}x{self.height}", "guidance_scale": self.guidance_scale,
         }
+        # How NNCF quantizes on this CPU is part of the key too, only when it is not the default (so
+        # folders made with the default keep their keys): a folder made where INT8 kernels saturate
+        # uses 7-bit weights, one made elsewhere would saturate there.
+        overflow_fix = sd_overflow_fix()
         digest = hashlib.sha1(json.dumps(
             {"prompts": prompts[:runs], "poses": pose_digest, "format": SD_INT8_FORMAT,
+             **({"overflow_fix": overflow_fix} if overflow_fix != "first_layer_only" else {}),
              **{k: v for k, v in facts.items() if k not in ("prompts", "poses")}},
             sort_keys=True).encode()).hexdigest()[:12]
         return SDCalibrationSet(prompts=prompts, poses=poses, sources=facts, key=digest)
@@ -253,7 +270,7 @@ class SDCalibrationSet:
     prompts: list  # [(prompt, negative_prompt)]
     poses: list  # PIL images, RGB
     sources: dict  # what made it, for the cache marker
-    key: str  # content key: the INT8 folder depends on it
+    key: str  # content key (calibration data, quantization format, overflow fix): the INT8 folder depends on it
 
 
 def _calibration_prompts(path: Optional[Path]) -> tuple[list[tuple[str, str]], str]:
@@ -384,7 +401,14 @@ def gather_sd_calibration(pipeline, data: SDCalibrationSet, settings: SDCalibrat
     return samples
 
 
-def quantize_sd_model(model, samples: list[dict]):
+def sd_overflow_fix() -> str:
+    """NNCF's overflow fix for SD INT8 made on this CPU: ``enable`` (7-bit weights everywhere) where
+    INT8 kernels saturate (x86 without VNNI, see :mod:`pipelines.cpu_int8`), else NNCF's default
+    ``first_layer_only``."""
+    return cpu_int8.overflow_fix("first_layer_only")
+
+
+def quantize_sd_model(model, samples: list[dict], overflow_fix: str = "first_layer_only"):
     """NNCF post-training quantization of an SD UNet or ControlNet ``ov.Model`` on recorded inputs."""
     import nncf
 
@@ -393,7 +417,8 @@ def quantize_sd_model(model, samples: list[dict]):
         nncf.Dataset(samples, _InputRecorder.to_model_input),
         subset_size=len(samples),
         model_type=nncf.ModelType.TRANSFORMER,
-        advanced_parameters=nncf.AdvancedQuantizationParameters(disable_bias_correction=True),
+        advanced_parameters=nncf.AdvancedQuantizationParameters(
+            disable_bias_correction=True, overflow_fix=nncf.OverflowFix(overflow_fix)),
         # validate=False: a model exported without fused attention nodes is quantized all the same
         ignored_scope=nncf.IgnoredScope(types=list(SD_INT8_IGNORED_TYPES), validate=False),
     )
@@ -409,7 +434,8 @@ def quantize_sd_int8(sd_folder: Path, controlnet_folder: Path, out_dir: Path, se
     INT8 weight-only compression (no speed-up: weights are dequantised before bf16 AMX matmuls) and
     5.4 s with ``nncf.quantize`` (ModelType.TRANSFORMER, bias correction off); 6.25 s vs 4.25 s
     with static shapes. Attention nodes stay FP16 (measured on AVX2: quantizing them splits the fused
-    attention kernel and costs more than it saves). Only the UNet and ControlNet, which run at every
+    attention kernel and costs more than it saves). Where INT8 kernels saturate (no VNNI) the weights
+    use 7 bits (:func:`sd_overflow_fix`). Only the UNet and ControlNet, which run at every
     step, are quantized; the text encoder and VAE decoder stay FP16.
 
     Calibration data is gathered by running the FP16 pipeline (see :class:`SDCalibration`); then
@@ -440,12 +466,13 @@ def quantize_sd_int8(sd_folder: Path, controlnet_folder: Path, out_dir: Path, se
         gc.collect()
     timings["gather_s"] = round(time.perf_counter() - started, 1)
     core = ov.Core()
+    overflow_fix = sd_overflow_fix()
     counts, used = {}, {name: len(items) for name, items in samples.items()}
     for index, (name, xml, label) in enumerate((("controlnet", Path(controlnet_folder) / CONTROLNET_IR, "ControlNet"),
                                                 ("unet", Path(sd_folder) / UNET_IR, "UNet"))):
         part_started = time.perf_counter()
         report(0.4 + 0.3 * index, f"Quantizing the {label} to INT8 ({len(samples[name])} calibration samples)")
-        quantized = quantize_sd_model(core.read_model(xml), samples[name])
+        quantized = quantize_sd_model(core.read_model(xml), samples[name], overflow_fix)
         ov.save_model(quantized, out_dir / xml.name, compress_to_fp16=True)
         del quantized
         samples[name] = []
@@ -459,7 +486,8 @@ def quantize_sd_int8(sd_folder: Path, controlnet_folder: Path, out_dir: Path, se
         "precision": "int8",
         "method": SD_INT8_METHOD,
         "nncf": {"function": "nncf.quantize", "model_type": "TRANSFORMER", "disable_bias_correction": True,
-                 "ignored_types": list(SD_INT8_IGNORED_TYPES), "subset_size": settings.subset_size},
+                 "ignored_types": list(SD_INT8_IGNORED_TYPES), "overflow_fix": overflow_fix,
+                 "subset_size": settings.subset_size},
         "calibration_samples": used["unet"],
         "calibration_samples_per_model": used,
         "calibration": (f"{settings.runs} FP16 images x {settings.steps} UniPC steps at {settings.width}x{settings.height}, "

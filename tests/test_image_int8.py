@@ -25,7 +25,7 @@ try:
     import image_fixtures as fx
 except ImportError:  # tests/ turned into a package
     from tests import image_fixtures as fx
-from pipelines import quantize, sd_convert  # noqa: E402
+from pipelines import cpu_int8, quantize, sd_convert  # noqa: E402
 from pipelines.cache import READY_MARKER  # noqa: E402
 from pipelines.image import ImageOptions, ImageService, read_png_metadata  # noqa: E402
 from pipelines.quantize import SDCalibration, count_int8  # noqa: E402
@@ -167,6 +167,8 @@ def test_int8_ir_holds_int8_operations_and_marker_records_the_method(int8_servic
     assert "bias correction off" in marker["method"]
     assert marker["nncf"]["disable_bias_correction"] is True and marker["nncf"]["model_type"] == "TRANSFORMER"
     assert marker["nncf"]["ignored_types"] == ["ScaledDotProductAttention"] and "attention" in marker["method"]
+    # 7-bit weights where this CPU's INT8 kernels would saturate (no VNNI), NNCF's default elsewhere
+    assert marker["nncf"]["overflow_fix"] == quantize.sd_overflow_fix()
     assert marker["calibration_samples"] == 4 and marker["calibration_samples_per_model"] == {"controlnet": 4, "unet": 4}
     assert "shipped" in marker["calibration_sources"]["prompts"]
     assert "keypoint sets shipped" in marker["calibration_sources"]["poses"]
@@ -197,6 +199,19 @@ def test_int8_pipeline_makes_valid_deterministic_images(int8_service, int8_first
     fp16 = int8_service.generate(OPTIONS, pose_image)
     assert fp16.extra["precision"] == "fp16" and _mad(fp16.images[0], image) > 0.0
     assert int8_service.get_pipeline(precision="int8") is pipeline
+    # On a CPU whose INT8 matmul kernel is no faster than fp32 (AVX2 without VNNI), the denoisers'
+    # INT8 matmuls run as INT8 1x1 convolutions; elsewhere as INT8 fully connected layers.
+    import openvino as ov
+
+    for name in ("unet", "controlnet"):
+        compiled = pipeline._compiled[name][1]  # as the requests above compiled it
+        layers = [(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
+                  for op in compiled.get_runtime_model().get_ops()]
+        int8_fc = [kind for kind, precision in layers if kind.startswith("FullyConnected") and precision in ("u8", "i8")]
+        if cpu_int8.matmuls_as_convolutions("CPU", tuple(ov.Core().available_devices)):
+            assert not int8_fc, (name, int8_fc)
+        else:
+            assert int8_fc, name
     pair = (int8_service.sd_model, int8_service.controlnet_model, "CPU")
     assert set(int8_service.loaded()) == {pair, pair + ("int8",)}
     # The PNG says which precision made it.
