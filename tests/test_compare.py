@@ -220,6 +220,9 @@ def test_transcribe_compare_gives_both_texts_times_and_their_ratio(svc, tiny, en
     assert any(m.startswith("FP16: ") for m in progress.messages)
     assert any(m.startswith("INT8: ") for m in progress.messages)
     assert all(0.0 <= f <= 1.0 for f, _ in progress.calls)
+    # getting the models ready fills the start of the bar; the runs go on from there, never back
+    compare_start = next(i for i, (_, m) in enumerate(progress.calls) if m.startswith("FP16: "))
+    assert max(f for f, _ in progress.calls[:compare_start]) <= min(f for f, _ in progress.calls[compare_start:])
 
 
 # --------------------------------------------------------------------------- subtitles
