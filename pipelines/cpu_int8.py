@@ -57,10 +57,15 @@ def overflow_fix(default: str) -> str:
     return "enable" if saturating_int8() else default
 
 
-def matmuls_as_convolutions(device: str, available: tuple = ("CPU",), flags: frozenset | None = None) -> bool:
+def matmuls_as_convolutions(device: str, available: tuple | None = None, flags: frozenset | None = None) -> bool:
     """Whether INT8 matmuls compiled for ``device`` run faster as 1x1 convolutions: on an AVX2 CPU
-    without VNNI (measured there; AVX-512 CPUs without VNNI were not, so they keep the usual form)."""
+    without VNNI (measured there; AVX-512 CPUs without VNNI were not, so they keep the usual form).
+    ``available``: the devices AUTO may pick from (default: this machine's, ``devices.available_devices``)."""
     flags = cpu_flags() if flags is None else flags
+    if available is None:
+        from .devices import available_devices
+
+        available = available_devices()
     name = (device or "").split(":")[0].split(".")[0].upper()
     on_cpu = name == "CPU" or (name == "AUTO" and [d for d in available if d != "AUTO"] == ["CPU"])
     return on_cpu and saturating_int8(flags) and "avx2" in flags and "avx512f" not in flags

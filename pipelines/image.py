@@ -487,7 +487,7 @@ class OVControlNetPipeline:
             source = self._sources[name]
             # INT8 matmuls run as 1x1 convolutions on CPUs where that is faster (see cpu_int8)
             as_convolutions = (self.info.get("precision") == "int8" and name in ("controlnet", "unet")
-                               and cpu_int8.matmuls_as_convolutions(self.device, tuple(core.available_devices)))
+                               and cpu_int8.matmuls_as_convolutions(self.device))
             if key is not None or as_convolutions:
                 model = source.clone() if hasattr(source, "clone") else core.read_model(str(source))
                 if key is not None:

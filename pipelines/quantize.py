@@ -184,6 +184,8 @@ SD_INT8_METHOD = (
 SD_INT8_FORMAT = 2  # bump when what the quantization writes changes: part of the cache key (2: attention FP16)
 #: Node types NNCF leaves unquantized: attention stays one fused kernel (see above).
 SD_INT8_IGNORED_TYPES = ("ScaledDotProductAttention",)
+#: NNCF's own overflow fix (7-bit weights in the first layer only): SD INT8's where kernels do not saturate.
+NNCF_DEFAULT_OVERFLOW_FIX = "first_layer_only"
 
 
 @dataclass(frozen=True)
@@ -259,7 +261,7 @@ class SDCalibration:
         overflow_fix = sd_overflow_fix()
         digest = hashlib.sha1(json.dumps(
             {"prompts": prompts[:runs], "poses": pose_digest, "format": SD_INT8_FORMAT,
-             **({"overflow_fix": overflow_fix} if overflow_fix != "first_layer_only" else {}),
+             **({"overflow_fix": overflow_fix} if overflow_fix != NNCF_DEFAULT_OVERFLOW_FIX else {}),
              **{k: v for k, v in facts.items() if k not in ("prompts", "poses")}},
             sort_keys=True).encode()).hexdigest()[:12]
         return SDCalibrationSet(prompts=prompts, poses=poses, sources=facts, key=digest)
@@ -405,10 +407,10 @@ def sd_overflow_fix() -> str:
     """NNCF's overflow fix for SD INT8 made on this CPU: ``enable`` (7-bit weights everywhere) where
     INT8 kernels saturate (x86 without VNNI, see :mod:`pipelines.cpu_int8`), else NNCF's default
     ``first_layer_only``."""
-    return cpu_int8.overflow_fix("first_layer_only")
+    return cpu_int8.overflow_fix(NNCF_DEFAULT_OVERFLOW_FIX)
 
 
-def quantize_sd_model(model, samples: list[dict], overflow_fix: str = "first_layer_only"):
+def quantize_sd_model(model, samples: list[dict], overflow_fix: str = NNCF_DEFAULT_OVERFLOW_FIX):
     """NNCF post-training quantization of an SD UNet or ControlNet ``ov.Model`` on recorded inputs."""
     import nncf
 
