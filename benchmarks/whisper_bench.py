@@ -16,6 +16,13 @@ the 10-minute file), so the reference text is exact.
 
 Prints a table and writes JSON (default benchmarks/results/whisper-<model>.json) with each system's
 wall time, real-time factor, WER, the word errors, load time and peak memory (ru_maxrss of its process).
+
+``--in-turns N`` adds the FP16-vs-INT8 ratio measured the steadier way: both OpenVINO precisions
+loaded in one process and run in turns, N rounds on each file (FP16, INT8, FP16, INT8, ...), so a
+slow minute on a shared machine hits both alike. It prints each round's times and ratio and the
+ratio of the medians (the figure issue #6's 1.25x bar is read against):
+
+    python benchmarks/whisper_bench.py --long --systems openvino-fp16 openvino-int8 --in-turns 3
 """
 from __future__ import annotations
 
@@ -57,11 +64,11 @@ def make_audio(folder: Path, minutes: float) -> tuple[Path, str]:
     return path, " ".join([text] * repeats)
 
 
-def run_system(system: str, model: str, audio: Path, models_dir: Path, threads: int) -> dict:
+def run_system(system: str, model: str, audio: Path, models_dir: Path, threads: int, rounds: int = 0) -> dict:
     """Run one system in a child process; returns its timings, text and peak memory."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, __file__, "--child", system, "--model", model, "--audio", str(audio),
-           "--models-dir", str(models_dir), "--threads", str(threads)]
+           "--models-dir", str(models_dir), "--threads", str(threads), "--in-turns", str(rounds)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         return {"system": system, "error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
@@ -81,9 +88,34 @@ def word_errors(reference: str, hypothesis: str) -> tuple[float, list[str]]:
     return out.wer, errors
 
 
-def child(system: str, model: str, audio_path: Path, models_dir: Path, threads: int) -> dict:
+def in_turns(model: str, audio, models_dir: Path, rounds: int) -> dict:
+    """FP16 and INT8 through one WhisperService, run in turns on the same audio; per-round times."""
+    from pipelines.asr import WhisperService
+    from pipelines.model_store import WhisperModelStore
+    from pipelines.types import ModelChoice, TranscribeOptions
+
+    service = WhisperService(WhisperModelStore(models_dir), max_loaded=2)
+    choices = {p: ModelChoice(model, p, "CPU") for p in ("fp16", "int8")}
+    options = TranscribeOptions(language="en")
+    for choice in choices.values():
+        service.load(choice)
+        service.transcribe(audio[:16000 * 5], choice, options)  # warm-up
+    walls: dict = {p: [] for p in choices}
+    texts: dict = {}
+    for _ in range(rounds):
+        for precision, choice in choices.items():
+            start = time.perf_counter()
+            texts[precision] = service.transcribe(audio, choice, options).text
+            walls[precision].append(time.perf_counter() - start)
+    return {"system": "openvino-in-turns", "rounds": rounds, "walls": walls, "texts": texts,
+            "audio_s": audio.size / 16000}
+
+
+def child(system: str, model: str, audio_path: Path, models_dir: Path, threads: int, rounds: int = 0) -> dict:
     from pipelines.audio import load_audio
 
+    if system == "openvino-in-turns":
+        return in_turns(model, load_audio(audio_path), models_dir, rounds)
     if system == "prepare":  # convert / quantize into the models folder, untimed
         from pipelines.model_store import WhisperModelStore
 
@@ -152,18 +184,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models_cache")
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/whisper-<model>.json)")
+    parser.add_argument("--in-turns", type=int, default=0, metavar="N",
+                        help="also run OpenVINO FP16 and INT8 in turns in one process, N rounds per file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--audio", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.model, args.audio, args.models_dir, args.threads)))
+        print(json.dumps(child(args.child, args.model, args.audio, args.models_dir, args.threads, args.in_turns)))
         return
 
-    rows = []
+    rows, turns = [], []
     with tempfile.TemporaryDirectory() as tmp:
         files = [make_audio(Path(tmp), args.minutes)] + ([make_audio(Path(tmp), 10.0)] if args.long else [])
         # convert/quantize once up front so no system's timing includes it
-        if any(s.startswith("openvino") for s in args.systems):
+        if args.in_turns > 0 or any(s.startswith("openvino") for s in args.systems):
             prepared = run_system("prepare", args.model, files[0][0], args.models_dir, args.threads)
             if "error" in prepared:
                 raise SystemExit(f"could not convert {args.model}: {prepared['error']}")
@@ -176,7 +210,15 @@ def main() -> None:
                     result["wer"], result["errors"] = word_errors(reference, result["text"])
                 result["audio"] = audio.name
                 rows.append(result)
-    table = format_table(rows)
+            if args.in_turns > 0:
+                print(f"{audio.name}: OpenVINO FP16 and INT8 in turns, {args.in_turns} rounds ...", file=sys.stderr, flush=True)
+                result = run_system("openvino-in-turns", args.model, audio, args.models_dir, args.threads, args.in_turns)
+                if "error" not in result:
+                    result["wer"] = {p: word_errors(reference, t)[0] for p, t in result["texts"].items()}
+                result["audio"] = audio.name
+                turns.append(result)
+    table = format_table(rows) + (("\n\nIn turns (one process, FP16 then INT8 each round):\n" + format_turns(turns))
+                                  if turns else "")
     host = machine.describe()
     title = (f"Whisper {args.model}, greedy, {args.threads} threads, {time.strftime('%Y-%m-%d %H:%M')}, "
              f"{machine.summary(host)}")
@@ -185,7 +227,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"title": title, "model": args.model, "threads": args.threads,
                                "command": " ".join(["python", "benchmarks/whisper_bench.py"] + sys.argv[1:]), "machine": host,
-                               "table": table, "results": rows}, indent=2))
+                               "table": table, "results": rows, "in_turns": turns}, indent=2))
     print(f"\nwrote {out}")
 
 
@@ -206,6 +248,24 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"| {r['audio']} | {r['system']} | {r['wall_s']:.2f} | {r['cpu_s']:.1f} | {r['rtf']:.3f} | {100 * r['wer']:.1f}% | "
                      f"{r['peak_mb']:.0f} | {r['load_s']:.1f} | {ratio(r, 'openvino-fp16')} | "
                      f"{ratio(r, 'faster-whisper-int8')} | {ratio(r, 'transformers-fp32')} |")
+    return "\n".join(lines)
+
+
+def format_turns(turns: list[dict]) -> str:
+    """Markdown table of the in-turns runs: median wall per precision, each round's FP16/INT8 ratio."""
+    import statistics
+
+    lines = ["| audio | rounds | FP16 s (median) | INT8 s (median) | FP16/INT8 per round | FP16/INT8 (medians) | WER FP16 / INT8 |",
+             "|---|---|---|---|---|---|---|"]
+    for t in turns:
+        if "error" in t:
+            lines.append(f"| {t['audio']} | error: {t['error'][:80]} | | | | | |")
+            continue
+        fp16, int8 = t["walls"]["fp16"], t["walls"]["int8"]
+        per_round = ", ".join(f"{a / b:.2f}" for a, b in zip(fp16, int8))
+        f, i = statistics.median(fp16), statistics.median(int8)
+        lines.append(f"| {t['audio']} | {t['rounds']} | {f:.2f} | {i:.2f} | {per_round} | {f / i:.2f}x | "
+                     f"{100 * t['wer']['fp16']:.1f}% / {100 * t['wer']['int8']:.1f}% |")
     return "\n".join(lines)
 
 
