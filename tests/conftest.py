@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -17,6 +18,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
+def pytest_configure(config) -> None:
+    """Give the run its own temp dir, inside pytest's basetemp: the request folders the app makes
+    (``voice-studio-<kind>-XXXXXXXX``), Gradio's file cache, downloaded results and the servers the
+    tests start (they inherit TMPDIR) all land there, and pytest drops it with its old basetemps
+    instead of them piling up in /tmp run after run. Runs before any test module imports gradio,
+    which reads GRADIO_TEMP_DIR at import."""
+    factory = getattr(config, "_tmp_path_factory", None)
+    if factory is None:  # pytest without its tmp_path plugin: leave the temp dir alone
+        return
+    run_tmp = factory.getbasetemp() / "tmp"
+    run_tmp.mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = str(run_tmp)
+    os.environ["GRADIO_TEMP_DIR"] = str(run_tmp / "gradio")
+    tempfile.tempdir = str(run_tmp)
 
 
 def multilingual_tokenizer_json() -> Path:
