@@ -140,7 +140,20 @@ def parse_args(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[s
     models.add_argument("--max-loaded-models", type=_positive(int),
                         default=env(f"{ENV_PREFIX}MAX_LOADED_MODELS") or "2",
                         help="Whisper models kept loaded at once (env VOICE_STUDIO_MAX_LOADED_MODELS; default 2)")
+    housekeeping = parser.add_argument_group("models folder housekeeping (these run, print and exit; no server)")
+    housekeeping.add_argument("--list-models", action="store_true",
+                              help="list the models folder: each converted model with its size, when it was last "
+                                   "used and whether this install can still use it")
+    housekeeping.add_argument("--prune-models", action="store_true",
+                              help="remove what this install can no longer use: models converted by other library "
+                                   "versions (before an upgrade), leftovers of conversions that did not finish, and "
+                                   "OpenVINO's compile cache (rebuilt when a model next loads)")
+    housekeeping.add_argument("--unused-days", type=_positive(float), metavar="DAYS",
+                              help="with --list-models / --prune-models: also count as prunable the models not "
+                                   "used for DAYS days (they are converted again when next asked for)")
     args = parser.parse_args(argv)
+    if args.unused_days is not None and not (args.list_models or args.prune_models):
+        parser.error("--unused-days goes with --list-models or --prune-models")
     try:  # VOICE_STUDIO_CONCURRENCY first, so that flags win
         from_env = [_concurrency_pair(p) for p in (env(f"{ENV_PREFIX}CONCURRENCY") or "").split(",") if p.strip()]
     except argparse.ArgumentTypeError as exc:
@@ -337,6 +350,44 @@ def serve(args: argparse.Namespace, block: bool = True):
     return demo, services, preload
 
 
+# --------------------------------------------------------------------------- housekeeping
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit in ("B", "KB") else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def models_housekeeping(args: argparse.Namespace, out=None) -> list:
+    """--list-models / --prune-models: print the models folder's entries (or what was removed)."""
+    import sys
+
+    from pipelines.cache import CURRENT, prune_models, scan_models
+
+    out = out or sys.stdout
+    root = Path(args.models_dir)
+    if not root.is_dir():
+        print(f"{root}: no models folder yet (models are converted into it when first used).", file=out)
+        return []
+    entries = (prune_models if args.prune_models else scan_models)(root, args.unused_days)
+    print(f"{'removed' if args.prune_models else 'models folder'}: {root}", file=out)
+    for e in entries:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+        note = f"  ({e.note})" if e.note else ""
+        print(f"  {e.state:<14} {_size(e.size):>9}  {used}  {e.path.relative_to(root)}{note}", file=out)
+    prunable = [e for e in entries if e.state != CURRENT]
+    freed = sum(e.size for e in prunable)
+    if args.prune_models:
+        print(f"freed {_size(freed)} ({len(prunable)} entr{'y' if len(prunable) == 1 else 'ies'}).", file=out)
+    elif prunable:
+        print(f"--prune-models{f' --unused-days {args.unused_days:g}' if args.unused_days else ''} would free "
+              f"{_size(freed)}.", file=out)
+    else:
+        print("nothing to prune.", file=out)
+    return entries
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for name in ("voice_studio", "pipelines"):
@@ -344,6 +395,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from pipelines.security import AuthConfigError
 
     args = parse_args(argv)
+    if args.list_models or args.prune_models:
+        models_housekeeping(args)
+        return
     try:
         serve(args)
     except AuthConfigError as exc:  # a clear line, not a traceback (and never a password)

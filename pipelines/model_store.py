@@ -17,13 +17,12 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .cache import (AtomicFolderCache, ProgressFn, folder_fingerprint, folder_held, folder_in_use, no_progress, slug,
-                    versions_key)
+from .cache import (AtomicFolderCache, ProgressFn, folder_fingerprint, folder_held, mark_used, no_progress,
+                    scratch_in_use, slug, versions_key)
 from .types import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -180,6 +179,7 @@ class WhisperModelStore:
     def _hub(self, repo_id: str, revision: str, progress: ProgressFn) -> Path:
         target = self.folder_for(repo_id, revision, "fp16")
         if self.cache.ready(target):
+            mark_used(target)
             return target
 
         def build(tmp: Path) -> dict:
@@ -343,7 +343,6 @@ class _Scratch:
     """
 
     PREFIX = ".work-"
-    GRACE_SECONDS = 60.0  # a folder this young may be about to take its lock
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -362,22 +361,13 @@ class _Scratch:
         """Remove the scratch folders no living process uses; the removed folders."""
         removed = []
         for folder in Path(root).glob(cls.PREFIX + "*"):
-            if cls._in_use(folder):
+            if scratch_in_use(folder):
                 continue
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
             log.info("removed %s, left by a conversion that did not finish", folder)
         return removed
 
-    @classmethod
-    def _in_use(cls, folder: Path) -> bool:
-        """Whether a living process holds ``folder`` (or may be about to: it is younger than the grace time)."""
-        try:
-            if time.time() - folder.stat().st_mtime < cls.GRACE_SECONDS:
-                return True
-        except FileNotFoundError:
-            return False
-        return folder_in_use(folder)
 
 
 def describe_source(resolved: Optional[ResolvedModel]) -> str:

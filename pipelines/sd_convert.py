@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, Optional
 
-from .cache import READY_MARKER, AtomicFolderCache, DiskFull, ProgressFn, folder_fingerprint, no_progress, slug, versions_key
+from .cache import (READY_MARKER, AtomicFolderCache, DiskFull, ProgressFn, folder_fingerprint, mark_used, no_progress,
+                    slug, versions_key)
 
 log = logging.getLogger(__name__)
 
@@ -569,6 +570,7 @@ def _convert_once(cache_root: Path, cache: Optional[AtomicFolderCache], folder_k
         current = earlier if commit is None else _cache_folder(
             cache_root, folder_kind, ResolvedModel(ref, Path(), commit, "hub"))
         if cache.ready(current):
+            mark_used(current)
             return current
     try:
         resolved = resolve()
@@ -576,6 +578,7 @@ def _convert_once(cache_root: Path, cache: Optional[AtomicFolderCache], folder_k
         if earlier is None:
             raise
         log.info("%s cannot be had from the hub now; using its earlier conversion %s", ref, earlier)
+        mark_used(earlier)
         return earlier
     return cache.get_or_build(
         _cache_folder(cache_root, folder_kind, resolved),
