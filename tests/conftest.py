@@ -19,6 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's tmp_path plugin has made its factory
 def pytest_configure(config) -> None:
     """Give the run its own temp dir, inside pytest's basetemp: the request folders the app makes
     (``voice-studio-<kind>-XXXXXXXX``), Gradio's file cache, downloaded results and the servers the
