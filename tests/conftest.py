@@ -21,16 +21,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.hookimpl(trylast=True)  # after pytest's tmp_path plugin has made its factory
 def pytest_configure(config) -> None:
-    """Give the run its own temp dir, inside pytest's basetemp: the request folders the app makes
+    """Make pytest's basetemp the run's temp dir: the request folders the app makes
     (``voice-studio-<kind>-XXXXXXXX``), Gradio's file cache, downloaded results and the servers the
     tests start (they inherit TMPDIR) all land there, and pytest drops it with its old basetemps
-    instead of them piling up in /tmp run after run. Runs before any test module imports gradio,
-    which reads GRADIO_TEMP_DIR at import."""
+    instead of them piling up in /tmp run after run. The tests' own tmp_path folders stay inside the
+    temp dir, where Gradio serves files from. Runs before any test module imports gradio, which reads
+    GRADIO_TEMP_DIR at import."""
     factory = getattr(config, "_tmp_path_factory", None)
     if factory is None:  # pytest without its tmp_path plugin: leave the temp dir alone
         return
-    run_tmp = factory.getbasetemp() / "tmp"
-    run_tmp.mkdir(exist_ok=True)
+    run_tmp = factory.getbasetemp()
     os.environ["TMPDIR"] = str(run_tmp)
     os.environ["GRADIO_TEMP_DIR"] = str(run_tmp / "gradio")
     tempfile.tempdir = str(run_tmp)
