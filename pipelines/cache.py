@@ -20,9 +20,11 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 READY_MARKER = "voice_studio_ready.json"
+log = logging.getLogger(__name__)
 
 # Libraries whose versions change what a conversion produces: part of every cache folder's name.
 CONVERTER_PACKAGES = ("openvino", "openvino-tokenizers", "optimum-intel", "transformers", "nncf", "diffusers")
@@ -141,6 +144,35 @@ def folder_in_use(folder: Path) -> bool:
     return lock_held(Path(folder) / IN_USE_FILE)
 
 
+SCRATCH_PREFIX = ".work-"
+
+
+@contextmanager
+def scratch_folder(root: Path) -> Iterator[Path]:
+    """A ``.work-*`` folder under ``root`` (the same disk as the cache) for the length of a ``with``
+    block, removed afterwards. It is held (:func:`folder_held`) while in use, so a killed process's
+    folder can be told from work still running: :func:`sweep_scratch` and ``--prune-models`` remove
+    only the former."""
+    path = Path(tempfile.mkdtemp(dir=root, prefix=SCRATCH_PREFIX))
+    with folder_held(path):
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def sweep_scratch(root: Path) -> list[Path]:
+    """Remove the scratch folders under ``root`` that no living process uses; the removed folders."""
+    removed = []
+    for folder in Path(root).glob(SCRATCH_PREFIX + "*"):
+        if scratch_in_use(folder):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+        log.info("removed %s, left by a conversion that did not finish", folder)
+    return removed
+
+
 class AtomicFolderCache:
     """Get-or-build for folders under ``root``, complete or absent, built once."""
 
@@ -225,7 +257,7 @@ UNFINISHED = "unfinished"
 COMPILED = "compile cache"
 #: what :func:`prune_models` removes
 PRUNED_STATES = (OTHER_VERSIONS, UNUSED, UNFINISHED, COMPILED)
-_SCRATCH_PREFIXES = (".tmp-", ".work-")  # a build's temporary folder, a conversion's scratch folder
+_SCRATCH_PREFIXES = (".tmp-", SCRATCH_PREFIX)  # a build's temporary folder, a conversion's scratch folder
 _SCRATCH_GRACE_SECONDS = 60.0  # a scratch folder this young may be about to take its lock
 
 

@@ -16,13 +16,12 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .cache import (AtomicFolderCache, ProgressFn, folder_fingerprint, folder_held, mark_used, no_progress,
-                    scratch_in_use, slug, versions_key)
+from .cache import (AtomicFolderCache, ProgressFn, folder_fingerprint, mark_used, no_progress, scratch_folder, slug,
+                    sweep_scratch, versions_key)
 from .types import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -326,48 +325,12 @@ class WhisperModelStore:
         ov.save_model(compressed, tmp / name, compress_to_fp16=False)
         return {"precision": "int8", "method": INT8_METHOD, "from": str(source)}
 
-    def _scratch(self) -> "_Scratch":
+    def _scratch(self):
         """A scratch folder beside the cache (same disk), removed afterwards; the leftovers of a killed
         conversion (a float32 checkpoint, hundreds of MB) are swept first."""
         self.root.mkdir(parents=True, exist_ok=True)
-        _Scratch.sweep(self.root)
-        return _Scratch(self.root)
-
-
-class _Scratch:
-    """A ``.work-*`` folder under ``root`` for the length of a ``with`` block.
-
-    While in use it holds an ``fcntl`` lock on a file inside it; the kernel drops the lock when the
-    process dies, so :meth:`sweep` can tell a killed process's leftovers (lock free) from another
-    process's work in progress (lock held) and removes only the former.
-    """
-
-    PREFIX = ".work-"
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-
-    def __enter__(self) -> Path:
-        self.path = Path(tempfile.mkdtemp(dir=self.root, prefix=self.PREFIX))
-        self._held = folder_held(self.path)
-        return self._held.__enter__()
-
-    def __exit__(self, *exc_info) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-        self._held.__exit__(*exc_info)
-
-    @classmethod
-    def sweep(cls, root: Path) -> list[Path]:
-        """Remove the scratch folders no living process uses; the removed folders."""
-        removed = []
-        for folder in Path(root).glob(cls.PREFIX + "*"):
-            if scratch_in_use(folder):
-                continue
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-            log.info("removed %s, left by a conversion that did not finish", folder)
-        return removed
-
+        sweep_scratch(self.root)
+        return scratch_folder(self.root)
 
 
 def describe_source(resolved: Optional[ResolvedModel]) -> str:
