@@ -75,9 +75,11 @@ def slug(text: str) -> str:
 
 
 def folder_fingerprint(folder: Path) -> str:
-    """A cheap content key for a local folder: names, sizes and modification times of its files."""
+    """A cheap content key for a local folder: names, sizes and modification times of its files. This
+    app's own bookkeeping files are left out: a cache folder's marker is touched each time it is used
+    (:func:`mark_used`), which must not change the key of a model made from that folder."""
     h = hashlib.sha1()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (READY_MARKER, IN_USE_FILE)):
         stat = path.stat()
         h.update(f"{path.relative_to(folder)}:{stat.st_size}:{int(stat.st_mtime)}".encode())
     return h.hexdigest()[:12]

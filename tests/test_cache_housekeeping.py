@@ -143,3 +143,17 @@ def test_list_and_prune_from_the_command_line(models_folder):
     assert missing.returncode == 0 and "no models folder yet" in missing.stdout
     alone = _app("--unused-days", "3")
     assert alone.returncode == 2 and "--unused-days goes with --list-models or --prune-models" in alone.stderr
+
+
+def test_using_a_folder_does_not_change_the_key_of_what_is_made_from_it(tmp_path):
+    """A local model folder may be a cache folder (a converted IR used in place); its fingerprint keys the
+    INT8 model made from it, so touching its marker on use must not change it, while new weights must."""
+    from pipelines.cache import folder_fingerprint
+
+    folder = _build(tmp_path / "models_cache", "whisper/base/1.0/fp16-ov2026.4.1-bbbb")
+    key = folder_fingerprint(folder)
+    _aged(folder / READY_MARKER, 48)
+    assert folder_fingerprint(folder) == key
+    with open(folder / "model.bin", "ab") as weights:
+        weights.write(b"retrained")
+    assert folder_fingerprint(folder) != key
