@@ -158,17 +158,29 @@ class PrecisionRun:
     load_seconds: float
 
 
+#: Share of a compare's progress bar for getting the models ready before the timed runs.
+PREPARE_SHARE = 0.2
+
+
 def compare_precisions(load: Callable[[str, ProgressFn], Any], run: Callable[[str, ProgressFn], Any],
                        report: ProgressFn, precisions: Sequence[str] = PRECISIONS,
-                       slots: Optional[WorkSlots] = None) -> list[PrecisionRun]:
+                       slots: Optional[WorkSlots] = None,
+                       prepare: Optional[Callable[[str, ProgressFn], Any]] = None) -> list[PrecisionRun]:
     """Run the same work at each precision, one after the other, and time each run.
 
-    For each precision ``load(precision, progress)`` gets the model ready first (converting and, for
-    INT8, quantizing on first use: not part of the time), then ``run(precision, progress)`` does the
-    work, timed. One precision at a time, so a server that keeps one model loaded still compares
-    fairly. With ``slots`` one work slot is held over all the runs, so no timing includes waiting
-    for one (prepare the models before: that work needs no slot).
+    With ``prepare``, ``prepare(precision, progress)`` first gets every precision's model ready on
+    disk (download, conversion and, for INT8, quantizing on first use), before any work slot is
+    taken, in the first fifth of the progress bar; the runs fill the rest, so the bar never goes
+    back. For each precision ``load(precision, progress)`` then loads the model (not part of the
+    time) and ``run(precision, progress)`` does the work, timed. One precision at a time, so a
+    server that keeps one model loaded still compares fairly. With ``slots`` one work slot is held
+    over all the runs, so no timing includes waiting for one.
     """
+    if prepare is not None:
+        share = PREPARE_SHARE / len(precisions)
+        for index, precision in enumerate(precisions):
+            prepare(precision, part_of(report, share * index, share * (index + 1)))
+        report = part_of(report, PREPARE_SHARE, 1.0)
     runs = []
     with slots.turn(report) if slots is not None else nullcontext():
         for index, precision in enumerate(precisions):

@@ -22,12 +22,12 @@ from pipelines.devices import validate_device
 from pipelines.model_store import ModelUnavailable
 from pipelines.pose import NoPersonFound
 from pipelines.services import Services
-from pipelines.types import PRECISIONS, TranscribeOptions
+from pipelines.types import TranscribeOptions
 from pipelines.whisper_models import translation_refusal
 
 from .common import (announce_whisper_load, check_precision, compare_columns, compare_precisions,
-                     int8_first_use_note, part_of, precision_radio, progress_fn, request_dir, speed_summary,
-                     whisper_pickers, whisper_request)
+                     int8_first_use_note, precision_radio, progress_fn, request_dir, speed_summary, whisper_pickers,
+                     whisper_request)
 
 USER_ERRORS = (AudioError, ModelUnavailable, sd_convert.ModelUnavailable, DiskFull, TranscriptionRefused,
                NoPersonFound, ValueError)
@@ -315,8 +315,7 @@ def make_generate_compare_handler(services: Services, cancels: CancelRegistry):
             if options.seed == -1:  # one random seed, the same for both
                 options = replace(options, seed=random.SystemRandom().randrange(0, image_pipeline.MAX_SEED + 1))
 
-            for index, precision in enumerate(PRECISIONS):  # downloads, conversion, quantizing: before
-                part = part_of(report, 0.1 * index, 0.1 * (index + 1))  # taking a work slot; a fifth of the bar
+            def prepare(precision: str, part) -> None:  # downloads, conversion, quantizing: no work slot
                 _announce_image_load(services, refs, dev, precision, part)
                 services.image.prepare(refs["sd_ref"], refs["controlnet_ref"], dev, precision, part)
 
@@ -331,7 +330,7 @@ def make_generate_compare_handler(services: Services, cancels: CancelRegistry):
                     options, pose_image, **refs, device=dev, cancel=cancel, load_progress=part, precision=precision,
                     progress=lambda done, total: part(done / max(total, 1), f"denoising step {done} of {total}"))
 
-            runs = compare_precisions(load, run, part_of(report, 0.2, 1.0), slots=services.image.slots)
+            runs = compare_precisions(load, run, report, slots=services.image.slots, prepare=prepare)
         folder = request_dir("image-compare")
         paths = {r.precision: [str(p) for p in r.value.save(folder, prefix=r.precision)] for r in runs}
         per_step = [_seconds_per_step(r.value) or r.seconds / max(options.steps * options.num_images, 1)

@@ -16,8 +16,8 @@ from pipelines.subtitles import CueRules, write_outputs
 from pipelines.types import Transcript
 
 from .common import (agreement_text, announce_whisper_load, compare_columns, compare_precisions,
-                     language_dropdown, part_of, prepare_whisper, progress_fn, request_dir, speed_summary,
-                     task_radio, whisper_pickers, whisper_request)
+                     language_dropdown, prepare_whisper, progress_fn, request_dir, speed_summary, task_radio,
+                     whisper_pickers, whisper_request)
 
 log = logging.getLogger(__name__)
 SEGMENT_COLUMNS = ["start", "end", "text"]
@@ -123,12 +123,11 @@ def make_transcribe_compare_handler(services: Services):
                         for p in ("fp16", "int8")}
             report(0.0, "decode audio")
             _source, samples = _samples(services, audio, media_file)
-            for index, (choice, options) in enumerate(requests.values()):  # the first fifth of the bar
-                prepare_whisper(services.whisper, choice, part_of(report, 0.1 * index, 0.1 * (index + 1)), options)
             runs = compare_precisions(
                 lambda p, part: services.whisper.load(requests[p][0], part),
                 lambda p, part: services.whisper.transcribe(samples, *requests[p], part),
-                part_of(report, 0.2, 1.0), slots=services.whisper.slots)
+                report, slots=services.whisper.slots,
+                prepare=lambda p, part: prepare_whisper(services.whisper, requests[p][0], part, requests[p][1]))
         except USER_ERRORS as exc:
             raise gr.Error(str(exc)) from exc
         fp16, int8 = runs

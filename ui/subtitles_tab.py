@@ -183,11 +183,12 @@ def make_subtitles_compare_handler(services: Services, yt_factory=youtube.YouTub
             with working_dir("subtitles-compare") as work_dir:
                 result = subtitle_job.make_subtitles(first, request, work_dir, part_of(report, 0.0, 0.5), yt_factory,
                                                      keep_audio=True)  # the INT8 run transcribes the same WAV
-                prepare_whisper(services.whisper, int8_choice, part_of(report, 0.5, 0.6, "INT8"), request.options)
                 second = compare_precisions(  # a slot of its own: the FP16 run took one inside make_subtitles
                     lambda p, part: services.whisper.load(int8_choice, part),
                     lambda p, part: services.whisper.transcribe_file(first.wav, int8_choice, request.options, part),
-                    part_of(report, 0.6, 1.0), precisions=("int8",), slots=services.whisper.slots)
+                    part_of(report, 0.5, 1.0), precisions=("int8",), slots=services.whisper.slots,
+                    prepare=lambda p, part: prepare_whisper(services.whisper, int8_choice,
+                                                            part_of(part, 0.0, 1.0, "INT8"), request.options))
         except USER_ERRORS as exc:
             raise gr.Error(_message(exc)) from exc
         finally:
