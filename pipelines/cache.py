@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 READY_MARKER = "voice_studio_ready.json"
+BUILD_PREFIX = ".tmp-"  # a build's temporary folder: .tmp-<folder name>-<8 hex digits>
 log = logging.getLogger(__name__)
 
 # Libraries whose versions change what a conversion produces: part of every cache folder's name.
@@ -186,6 +187,14 @@ class AtomicFolderCache:
     def ready(self, folder: Path) -> bool:
         return (folder / READY_MARKER).is_file()
 
+    def use(self, folder: Path) -> bool:
+        """Whether ``folder`` is complete, for a caller about to use it: a complete one is marked used
+        (:func:`mark_used`, for ``--list-models`` / ``--prune-models --unused-days``)."""
+        if not self.ready(folder):
+            return False
+        mark_used(folder)
+        return True
+
     def _thread_lock(self, folder: Path) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(folder, threading.Lock())
@@ -201,7 +210,7 @@ class AtomicFolderCache:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _sweep_stale(self, folder: Path) -> None:
-        for stale in folder.parent.glob(f".tmp-{folder.name}-*"):
+        for stale in folder.parent.glob(f"{BUILD_PREFIX}{folder.name}-*"):
             shutil.rmtree(stale, ignore_errors=True)
 
     def get_or_build(
@@ -216,17 +225,15 @@ class AtomicFolderCache:
         the marker file (e.g. which quantization method made it).
         """
         folder = Path(folder)
-        if self.ready(folder):
-            mark_used(folder)
+        if self.use(folder):
             return folder
         with self._thread_lock(folder), self._process_lock(folder):
-            if self.ready(folder):  # another thread or process finished it while we waited
-                mark_used(folder)
+            if self.use(folder):  # another thread or process finished it while we waited
                 return folder
             self._sweep_stale(folder)
             if folder.exists():  # a folder without a marker is not trusted
                 shutil.rmtree(folder)
-            tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
+            tmp = folder.parent / f"{BUILD_PREFIX}{folder.name}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir(parents=True)
             try:
                 extra = build(tmp) or {}
@@ -259,7 +266,7 @@ UNFINISHED = "unfinished"
 COMPILED = "compile cache"
 #: what :func:`prune_models` removes
 PRUNED_STATES = (OTHER_VERSIONS, UNUSED, UNFINISHED, COMPILED)
-_SCRATCH_PREFIXES = (".tmp-", SCRATCH_PREFIX)  # a build's temporary folder, a conversion's scratch folder
+_SCRATCH_PREFIXES = (BUILD_PREFIX, SCRATCH_PREFIX)  # a build's temporary folder, a conversion's scratch folder
 _SCRATCH_GRACE_SECONDS = 60.0  # a scratch folder this young may be about to take its lock
 
 
@@ -305,8 +312,8 @@ def scratch_in_use(folder: Path) -> bool:
     build lock of <name>) or a ``.work-*`` scratch folder (it holds the folder, or it is too young to
     have taken its lock yet)."""
     folder = Path(folder)
-    if folder.name.startswith(".tmp-"):
-        final = folder.name[len(".tmp-"):].rpartition("-")[0]
+    if folder.name.startswith(BUILD_PREFIX):
+        final = folder.name[len(BUILD_PREFIX):].rpartition("-")[0]
         return lock_held(_build_lock(folder.parent / final))
     try:
         if time.time() - folder.stat().st_mtime < _SCRATCH_GRACE_SECONDS:

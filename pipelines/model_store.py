@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .cache import (AtomicFolderCache, ProgressFn, folder_fingerprint, mark_used, no_progress, scratch_folder, slug,
-                    sweep_scratch, versions_key)
+from .cache import (AtomicFolderCache, ProgressFn, folder_fingerprint, no_progress, scratch_folder, slug, sweep_scratch,
+                    versions_key)
 from .types import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -177,9 +177,6 @@ class WhisperModelStore:
 
     def _hub(self, repo_id: str, revision: str, progress: ProgressFn) -> Path:
         target = self.folder_for(repo_id, revision, "fp16")
-        if self.cache.ready(target):
-            mark_used(target)
-            return target
 
         def build(tmp: Path) -> dict:
             progress(0.05, f"download {repo_id}")

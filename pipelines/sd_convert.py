@@ -569,8 +569,7 @@ def _convert_once(cache_root: Path, cache: Optional[AtomicFolderCache], folder_k
         commit = _hub_commit(ref, revision)
         current = earlier if commit is None else _cache_folder(
             cache_root, folder_kind, ResolvedModel(ref, Path(), commit, "hub"))
-        if cache.ready(current):
-            mark_used(current)
+        if cache.use(current):
             return current
     try:
         resolved = resolve()
