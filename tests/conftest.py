@@ -135,6 +135,18 @@ def english_clip(tmp_path_factory) -> Path:
                   tmp_path_factory.mktemp("clips") / "english.wav")
 
 
+def runtime_layers(compiled) -> list[tuple[str, str]]:
+    """(layer type, runtime precision) of an OpenVINO compiled model's matmul-like layers, as the CPU
+    plugin runs them (e.g. ("FullyConnected", "u8"), ("Convolution", "i8"))."""
+    layers = []
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        kind = info["layerType"].astype(str)
+        if kind.startswith(("FullyConnected", "Convolution", "MatMul")):
+            layers.append((kind, info["runtimePrecision"].astype(str)))
+    return layers
+
+
 def write_wav(path: Path, audio: np.ndarray, rate: int = 16000) -> Path:
     import soundfile
 

@@ -17,6 +17,10 @@ try:
 except ImportError:  # running pytest without the project root on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+try:
+    from conftest import runtime_layers
+except ImportError:  # tests/ turned into a package
+    from tests.conftest import runtime_layers
 from pipelines import cpu_int8, quantize  # noqa: E402
 
 ov = pytest.importorskip("openvino")
@@ -50,17 +54,6 @@ def _linear_model(batch=2, tokens=64, channels=64, out=32, positive_weights=Fals
     y = ops.add(ops.matmul(x, ops.constant(weights), False, True),
                 ops.constant(rng.standard_normal(out).astype(np.float32)))
     return ov.Model([y], [x])
-
-
-def _runtime_layers(compiled) -> list[tuple[str, str]]:
-    """(layer type, runtime precision) of the compiled model's matmul-like layers."""
-    layers = []
-    for op in compiled.get_runtime_model().get_ops():
-        info = op.get_rt_info()
-        kind = info["layerType"].astype(str)
-        if kind.startswith(("FullyConnected", "Convolution", "MatMul")):
-            layers.append((kind, info["runtimePrecision"].astype(str)))
-    return layers
 
 
 def test_which_cpus_saturate_and_which_run_matmuls_as_convolutions():
@@ -109,8 +102,8 @@ def test_int8_matmuls_compile_as_int8_convolutions_with_the_same_results():
     assert [op.get_friendly_name() for op in rewritten.get_results()] == [op.get_friendly_name() for op in quantized.get_results()]
     core = ov.Core()
     before, after = core.compile_model(quantized, "CPU"), core.compile_model(rewritten, "CPU")
-    assert ("Convolution", "u8") in _runtime_layers(after) or ("Convolution", "i8") in _runtime_layers(after)
-    assert not [layer for layer in _runtime_layers(after) if layer[0].startswith("FullyConnected")]
+    assert ("Convolution", "u8") in runtime_layers(after) or ("Convolution", "i8") in runtime_layers(after)
+    assert not [layer for layer in runtime_layers(after) if layer[0].startswith("FullyConnected")]
     x = samples[0]
     np.testing.assert_allclose(after(x)[0], before(x)[0], rtol=1e-4, atol=1e-4)
     assert after(x)[0].shape == (2, 64, 32)

@@ -23,8 +23,10 @@ except ImportError:  # running pytest without the project root on sys.path
 
 try:
     import image_fixtures as fx
+    from conftest import runtime_layers
 except ImportError:  # tests/ turned into a package
     from tests import image_fixtures as fx
+    from tests.conftest import runtime_layers
 from pipelines import cpu_int8, quantize, sd_convert  # noqa: E402
 from pipelines.cache import READY_MARKER  # noqa: E402
 from pipelines.image import ImageOptions, ImageService, read_png_metadata  # noqa: E402
@@ -203,9 +205,8 @@ def test_int8_pipeline_makes_valid_deterministic_images(int8_service, int8_first
     # INT8 matmuls run as INT8 1x1 convolutions; elsewhere as INT8 fully connected layers.
     for name in ("unet", "controlnet"):
         compiled = pipeline._compiled[name][1]  # as the requests above compiled it
-        layers = [(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
-                  for op in compiled.get_runtime_model().get_ops()]
-        int8_fc = [kind for kind, precision in layers if kind.startswith("FullyConnected") and precision in ("u8", "i8")]
+        int8_fc = [kind for kind, precision in runtime_layers(compiled)
+                   if kind.startswith("FullyConnected") and precision in ("u8", "i8")]
         if cpu_int8.matmuls_as_convolutions("CPU"):
             assert not int8_fc, (name, int8_fc)
         else:
