@@ -433,9 +433,13 @@ def test_queue_runs_each_kind_within_its_limit_and_refuses_when_full(tmp_path):
     state = {"active": 0, "peak": 0, "images": 0, "waiting": 0}
     release_whisper, release_image, image_started = threading.Event(), threading.Event(), threading.Event()
 
-    def wait_for(condition, seconds=60.0):
+    def wait_for(condition, job=None, seconds=60.0):
+        """Wait until ``condition()``; a ``job`` that ends meanwhile shows its error (e.g. "Queue is full")."""
         deadline = time.monotonic() + seconds
         while not condition():
+            if job is not None and job.done():
+                job.result()
+                raise AssertionError("the job ended before the condition held")
             assert time.monotonic() < deadline, "timed out"
             time.sleep(0.05)
 
@@ -476,10 +480,15 @@ def test_queue_runs_each_kind_within_its_limit_and_refuses_when_full(tmp_path):
         try:
             image_job = client.submit(prompt="a dancer", pose=handle_file(str(pose)), api_name="/generate_image")
             wait_for(image_started.is_set)
-            jobs = [submit_clip(0), submit_clip(1)]
-            wait_for(lambda: state["active"] == 2)
-            jobs += [submit_clip(2), submit_clip(3)]
-            wait_for(lambda: state["waiting"] == 2)  # let in, waiting for a work slot
+            # One at a time: with --queue-size 1 a second request sent before the queue has started the first
+            # finds the queue full (a busy machine's queue loop can take a while to pick a request up).
+            jobs = []
+            for i in range(2):
+                jobs.append(submit_clip(i))
+                wait_for(lambda: state["active"] == i + 1, jobs[-1])
+            for i in range(2, 4):
+                jobs.append(submit_clip(i))
+                wait_for(lambda: state["waiting"] == i - 1, jobs[-1])  # let in, waiting for a work slot
             jobs.append(submit_clip(4))
             # the fifth is queued (its upload can take a while on a busy machine), and waits its turn
             wait_for(lambda: len(server.demo._queue) == 1)
