@@ -138,8 +138,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[s
                              "fastest and most accurate on AVX-512/AMX CPUs) or calibrated (NNCF post-training "
                              "quantization of the encoder, calibrated on speech) (env VOICE_STUDIO_WHISPER_INT8)")
     models.add_argument("--max-loaded-models", type=_positive(int),
-                        default=env(f"{ENV_PREFIX}MAX_LOADED_MODELS") or "2",
-                        help="Whisper models kept loaded at once (env VOICE_STUDIO_MAX_LOADED_MODELS; default 2)")
+                        default=env(f"{ENV_PREFIX}MAX_LOADED_MODELS") or "3",
+                        help="Whisper pipelines kept loaded at once; subtitles use a second pipeline of a model, "
+                             "with word timestamps (env VOICE_STUDIO_MAX_LOADED_MODELS; default 3)")
     housekeeping = parser.add_argument_group("models folder housekeeping (these run, print and exit; no server)")
     housekeeping.add_argument("--list-models", action="store_true",
                               help="list the models folder: each converted model with its size, when it was last "

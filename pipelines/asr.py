@@ -1,7 +1,9 @@
 """Whisper on OpenVINO GenAI: a lazy, bounded, load-once set of WhisperPipelines and transcribe().
 
 One ``openvino_genai.WhisperPipeline`` is loaded per (model, precision, device) on first use and
-kept in a small LRU set. Loading is guarded per key, so two requests asking for the same model at
+kept in a small LRU set; a pipeline with word timestamps is a separate one, loaded only for requests
+that ask for words (subtitles), because GenAI's word-timestamp decoder is slower for every request
+it serves (0.7 s more on a 63 s file, words asked for or not). Loading is guarded per key, so two requests asking for the same model at
 the same time wait for one load. Each pipeline has its own run lock (an infer request is not
 shared between two generations), and every call passes its own generation settings, so one
 request never sees another's language, task or timestamps.
@@ -31,6 +33,7 @@ from .types import ModelChoice, Segment, TranscribeOptions, Transcript, Word
 from .whisper_models import LANGUAGES, translation_refusal
 
 log = logging.getLogger(__name__)
+PipelineKey = tuple[str, str, str, bool]  # model, precision, device, word timestamps
 
 
 class TranscriptionRefused(ValueError):
@@ -54,21 +57,31 @@ class LoadedWhisper:
 class WhisperService:
     """Transcribes audio with Whisper on OpenVINO; models load lazily, once, and stay bounded."""
 
-    def __init__(self, store: WhisperModelStore, max_loaded: int = 2, guards: "DecodeGuards | None" = None,
+    def __init__(self, store: WhisperModelStore, max_loaded: int = 3, guards: "DecodeGuards | None" = None,
                  workers: int = 2):
         self.store = store
         self.slots = WorkSlots(workers, "transcription")  # at most this many decode at once
         self.guards = guards or DecodeGuards()
         self.max_loaded = max(1, max_loaded)
-        self._loaded: "OrderedDict[tuple[str, str, str], LoadedWhisper]" = OrderedDict()
+        # keyed by (model, precision, device, word timestamps)
+        self._loaded: "OrderedDict[PipelineKey, LoadedWhisper]" = OrderedDict()
         self._guard = threading.Lock()
-        self._key_locks: dict[tuple[str, str, str], threading.Lock] = {}
-        self._retired: "weakref.WeakValueDictionary[tuple[str, str, str], LoadedWhisper]" = weakref.WeakValueDictionary()
+        self._key_locks: dict[PipelineKey, threading.Lock] = {}
+        self._retired: "weakref.WeakValueDictionary[PipelineKey, LoadedWhisper]" = weakref.WeakValueDictionary()
+        self._words_possible: dict[tuple[str, str, str], bool] = {}  # has alignment heads, once resolved
 
     # -- models -----------------------------------------------------------------------------
     def loaded_keys(self) -> list[tuple[str, str, str]]:
+        """The loaded models as (model, precision, device), least recently used first; a model loaded
+        with and without word timestamps is listed once."""
         with self._guard:
-            return list(self._loaded)
+            return list(dict.fromkeys(key[:3] for key in self._loaded))
+
+    def is_loaded(self, choice: ModelChoice, words: bool = False) -> bool:
+        """Whether a request for ``choice`` (with word timestamps or not) finds its pipeline loaded."""
+        key = self._pipeline_key(choice, words)
+        with self._guard:
+            return key in self._loaded
 
     def release(self) -> None:
         """Drop every loaded pipeline (frees memory for another tab); one a request is still running
@@ -78,12 +91,19 @@ class WhisperService:
                 self._retire_oldest()
 
     @staticmethod
-    def _key(choice: ModelChoice) -> tuple[str, str, str]:
-        return choice.model, choice.precision, validate_device(choice.device)
+    def _key(choice: ModelChoice, words: bool = False) -> PipelineKey:
+        return choice.model, choice.precision, validate_device(choice.device), bool(words)
 
-    def load(self, choice: ModelChoice, progress: ProgressFn = no_progress) -> LoadedWhisper:
-        key = self._key(choice)
-        device = key[2]
+    def _pipeline_key(self, choice: ModelChoice, words: bool) -> PipelineKey:
+        """The pipeline a request uses: a model known to have no alignment heads has only its plain one."""
+        key = self._key(choice, words)
+        return key[:3] + (False,) if words and self._words_possible.get(key[:3]) is False else key
+
+    def load(self, choice: ModelChoice, progress: ProgressFn = no_progress, words: bool = False) -> LoadedWhisper:
+        """The pipeline for ``choice``, loaded once; ``words``: one that can give word timestamps (a model
+        without alignment heads cannot, and gets its plain pipeline)."""
+        key = self._pipeline_key(choice, words)
+        words, device = key[3], key[2]
         with self._guard:
             loaded = self._reuse(key)
             if loaded is not None:
@@ -95,15 +115,20 @@ class WhisperService:
                 if loaded is not None:
                     return loaded
             resolved = self.store.resolve(choice.model, choice.precision, progress)
+            can_give_words = self._has_alignment_heads(resolved.path)
+            with self._guard:
+                self._words_possible[key[:3]] = can_give_words
+            if words and not can_give_words:  # the plain pipeline is all this model has
+                return self.load(choice, progress, words=False)
             progress(0.8, f"compile {choice.model} for {device}")
-            loaded = self._compile(resolved, device)
+            loaded = self._compile(resolved, device, words)
             self._load_vad()
             with self._guard:
                 self._loaded[key] = loaded
                 self._keep_within_limit()
             return loaded
 
-    def _reuse(self, key: tuple[str, str, str]) -> Optional[LoadedWhisper]:
+    def _reuse(self, key: PipelineKey) -> Optional[LoadedWhisper]:
         """The pipeline for ``key`` if one is alive (call with ``_guard`` held): a loaded one, or one
         unloaded while a request still runs on it, which is taken back instead of compiled twice."""
         loaded = self._loaded.get(key) or self._retired.pop(key, None)
@@ -136,16 +161,15 @@ class WhisperService:
         except vad.VadError as exc:  # said again, to the user, by the transcription that needs it
             log.warning("%s", exc)
 
-    def _compile(self, resolved: ResolvedModel, device: str) -> LoadedWhisper:
-        """Build the pipeline with word timestamps available when the model's generation config has
-        alignment heads (GenAI refuses word timestamps without them), and with OpenVINO's
-        compiled-model cache under the models folder, so a later start compiles faster."""
+    def _compile(self, resolved: ResolvedModel, device: str, words: bool) -> LoadedWhisper:
+        """Build the pipeline, with word timestamps when ``words`` (the caller checked that the model's
+        generation config has alignment heads: GenAI refuses word timestamps without them), and with
+        OpenVINO's compiled-model cache under the models folder, so a later start compiles faster."""
         import openvino_genai as ov_genai
 
         start = time.perf_counter()
         properties = {"CACHE_DIR": str(self.store.root / "ov_compile_cache")}
-        with_words = self._has_alignment_heads(resolved.path)
-        pipeline = ov_genai.WhisperPipeline(str(resolved.path), device, word_timestamps=with_words, **properties)
+        pipeline = ov_genai.WhisperPipeline(str(resolved.path), device, word_timestamps=words, **properties)
         config = pipeline.get_generation_config()
         return LoadedWhisper(
             pipeline=pipeline,
@@ -154,7 +178,7 @@ class WhisperService:
             multilingual=bool(config.is_multilingual),
             lang_to_id=dict(config.lang_to_id),
             load_seconds=time.perf_counter() - start,
-            word_timestamps=with_words,
+            word_timestamps=words,
             tokenizer=pipeline.get_tokenizer(),
             max_length=int(config.max_length or 448),
         )
@@ -225,14 +249,14 @@ class WhisperService:
             refusal = translation_refusal(choice.model) if options.task == "translate" else None
             if refusal:
                 raise TranscriptionRefused(refusal)
-        key = self._key(choice)
+        words = bool(options and options.word_timestamps)
         with self._guard:
-            if key in self._loaded or key in self._retired:
-                return
+            if any(key in self._loaded or key in self._retired for key in {self._key(choice, words), self._key(choice)}):
+                return  # its files are on disk: a loaded pipeline of either kind came from them
         self.store.resolve(choice.model, choice.precision, progress)
 
     def _load_for(self, choice: ModelChoice, options: TranscribeOptions, progress: ProgressFn) -> LoadedWhisper:
-        loaded = self.load(choice, progress)
+        loaded = self.load(choice, progress, words=options.word_timestamps)
         if options.task == "translate" and not loaded.multilingual:
             raise TranscriptionRefused(translation_refusal(choice.model, multilingual=False)
                                        or f"{choice.model} is English-only and cannot translate.")

@@ -32,7 +32,7 @@ class Settings:
     models_dir: Path
     default_model: str = DEFAULT_MODEL
     default_device: str = "CPU"
-    max_loaded_whisper: int = 2
+    max_loaded_whisper: int = 3  # pipelines: a model used for subtitles (word timestamps) has a second one
     max_audio_seconds: float = 3 * 3600.0
     whisper_int8: Optional[str] = None  # how INT8 Whisper is made (model_store.INT8_METHODS; None: env/default)
     sd_model: str = DEFAULT_SD_MODEL

@@ -63,9 +63,9 @@ def test_model_loads_once_under_concurrent_requests(whisper_store, choice, engli
     compiled = []
     original = WhisperService._compile
 
-    def counting(self, resolved, device):
+    def counting(self, resolved, device, words):
         compiled.append(resolved.path)
-        return original(self, resolved, device)
+        return original(self, resolved, device, words)
 
     monkeypatch.setattr(WhisperService, "_compile", counting)
     audio = load_audio(english_clip)
@@ -93,6 +93,56 @@ def test_loaded_models_are_bounded(whisper_store, choice, tiny_whisper_hf, tiny_
     assert service.loaded_keys() == [(str(tiny_whisper_ir), "fp16", "CPU")]
 
 
+def test_word_timestamps_get_a_pipeline_of_their_own(whisper_store, choice, english_clip, monkeypatch):
+    """GenAI's word-timestamp pipeline decomposes the decoder's cross-attention, which slows every request it
+    serves; so only requests that ask for words use it, and the others a plain pipeline, each compiled once."""
+    service = WhisperService(whisper_store)
+    compiled = []
+    original = WhisperService._compile
+    monkeypatch.setattr(WhisperService, "_compile",
+                        lambda self, resolved, device, words: compiled.append(words)
+                        or original(self, resolved, device, words))
+    audio = load_audio(english_clip)
+    service.transcribe(audio, choice, TranscribeOptions(language="en"))
+    assert compiled == [False] and service.is_loaded(choice) and not service.is_loaded(choice, words=True)
+    service.transcribe(audio, choice, TranscribeOptions(language="en", word_timestamps=True))
+    service.transcribe(audio, choice, TranscribeOptions(language="en"))
+    service.transcribe(audio, choice, TranscribeOptions(language="en", word_timestamps=True))
+    assert compiled == [False, True] and service.is_loaded(choice, words=True)
+    assert service.loaded_keys() == [(choice.model, "fp16", "CPU")]  # one model, listed once
+
+    plain, worded = service.load(choice), service.load(choice, words=True)
+    config = plain.pipeline.get_generation_config()
+    config.word_timestamps, config.return_timestamps = True, False
+    with pytest.raises(Exception, match="not decomposed"):  # the plain pipeline's attention stays fused
+        plain.pipeline.generate(np.zeros(16000, np.float32), generation_config=config)
+    worded.pipeline.generate(np.zeros(16000, np.float32), generation_config=config)
+
+
+def test_a_model_without_alignment_heads_serves_word_requests_with_its_plain_pipeline(
+        whisper_store, tiny_whisper_ir, english_clip, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    folder = tmp_path / "no-heads"
+    shutil.copytree(tiny_whisper_ir, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    del config["alignment_heads"]
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    service = WhisperService(whisper_store)
+    compiled = []
+    original = WhisperService._compile
+    monkeypatch.setattr(WhisperService, "_compile",
+                        lambda self, resolved, device, words: compiled.append(words)
+                        or original(self, resolved, device, words))
+    choice = ModelChoice(model=str(folder), device="CPU")
+    audio = load_audio(english_clip)
+    words = service.transcribe(audio, choice, TranscribeOptions(language="en", word_timestamps=True))
+    service.transcribe(audio, choice, TranscribeOptions(language="en"))
+    assert compiled == [False] and service.is_loaded(choice, words=True)
+    assert all(not s.words for s in words.segments)  # no words to give, and no error
+
+
 def test_a_model_unloaded_while_a_request_runs_on_it_is_taken_back_not_compiled_twice(
         whisper_store, choice, tiny_whisper_ir, monkeypatch):
     import gc
@@ -101,7 +151,8 @@ def test_a_model_unloaded_while_a_request_runs_on_it_is_taken_back_not_compiled_
     compiled = []
     original = WhisperService._compile
     monkeypatch.setattr(WhisperService, "_compile",
-                        lambda self, resolved, device: compiled.append(resolved.path) or original(self, resolved, device))
+                        lambda self, resolved, device, words: compiled.append(resolved.path)
+                        or original(self, resolved, device, words))
     other = ModelChoice(model=str(tiny_whisper_ir), device="CPU")
     running = service.load(choice)  # a long subtitle job holds it ...
     service.load(other)  # ... while another request's model takes its place

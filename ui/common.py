@@ -118,9 +118,10 @@ def int8_first_use_note(what: str = "model", plural: bool = False) -> str:
     return f"load INT8 {what} (the first INT8 use quantizes {'them' if plural else 'it'}: this can take a few minutes)"
 
 
-def announce_whisper_load(whisper, choice: ModelChoice, report: ProgressFn) -> None:
+def announce_whisper_load(whisper, choice: ModelChoice, report: ProgressFn,
+                          options: Optional[TranscribeOptions] = None) -> None:
     """Tell the user a model is about to load when it is not loaded yet (and that INT8's first use quantizes)."""
-    if (choice.model, choice.precision, choice.device) not in set(whisper.loaded_keys()):
+    if not whisper.is_loaded(choice, words=bool(options and options.word_timestamps)):
         report(0.0, int8_first_use_note(choice.model) if choice.precision == "int8" else f"load {choice.model}")
 
 
@@ -128,7 +129,7 @@ def prepare_whisper(whisper, choice: ModelChoice, report: ProgressFn,
                     options: Optional[TranscribeOptions] = None) -> None:
     """Get ``choice`` ready on disk (converting and, for INT8, quantizing on first use), saying so in the
     progress; before a comparison takes its work slot, so that waiting is not part of its timing."""
-    announce_whisper_load(whisper, choice, report)
+    announce_whisper_load(whisper, choice, report, options)
     whisper.prepare(choice, report, options)
 
 

@@ -75,7 +75,7 @@ def make_transcribe_handler(services: Services):
                                               timestamps=bool(timestamps))
             report(0.0, "decode audio")
             source, samples = _samples(services, audio, media_file)
-            announce_whisper_load(services.whisper, choice, report)
+            announce_whisper_load(services.whisper, choice, report, options)
             transcript = services.whisper.transcribe(samples, choice, options, report)
         except USER_ERRORS as exc:
             raise gr.Error(str(exc)) from exc

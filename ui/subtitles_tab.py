@@ -64,7 +64,7 @@ class _TimedWhisper:
         started = time.perf_counter()
         prepare_whisper(self.whisper, choice, report, options)
         with self.whisper.slots.turn(report):  # the timed run never waits for a slot
-            self.whisper.load(choice, report)
+            self.whisper.load(choice, report, words=options.word_timestamps)
             loaded = time.perf_counter()
             transcript = self.whisper.transcribe_file(wav_path, choice, options, report)
         self.run = PrecisionRun(choice.precision, transcript, time.perf_counter() - loaded, loaded - started)
@@ -184,7 +184,7 @@ def make_subtitles_compare_handler(services: Services, yt_factory=youtube.YouTub
                 result = subtitle_job.make_subtitles(first, request, work_dir, part_of(report, 0.0, 0.5), yt_factory,
                                                      keep_audio=True)  # the INT8 run transcribes the same WAV
                 second = compare_precisions(  # a slot of its own: the FP16 run took one inside make_subtitles
-                    lambda p, part: services.whisper.load(int8_choice, part),
+                    lambda p, part: services.whisper.load(int8_choice, part, words=request.options.word_timestamps),
                     lambda p, part: services.whisper.transcribe_file(first.wav, int8_choice, request.options, part),
                     part_of(report, 0.5, 1.0), precisions=("int8",), slots=services.whisper.slots,
                     prepare=lambda p, part: prepare_whisper(services.whisper, int8_choice,
