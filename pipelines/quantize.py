@@ -162,8 +162,10 @@ def count_int8(xml_path: Path) -> dict[str, int]:
 # Except attention: measured on an AVX2-only CPU (AMD EPYC, no VNNI; per UNet call, CFG batch 2,
 # 512x512, static shapes, in turns), FP16 13.0 s, full PTQ 12.2 s (1.06x), PTQ with the
 # ScaledDotProductAttention nodes left alone 10.7-11.1 s (1.21-1.26x); ControlNet 5.08 / 4.31 / 4.03 s.
-# With INT8 inputs the CPU plugin splits attention into INT8 MatMuls and a separate Softmax, slower
-# than the fused attention kernel it runs otherwise (that does not depend on the instruction set).
+# With INT8 inputs the CPU plugin splits attention there into INT8 MatMuls and a separate Softmax,
+# slower than the fused attention kernel it runs otherwise. On a Xeon with AMX-INT8 it is the other
+# way round: the fused kernel runs in INT8 and the UNet call is faster with attention quantized
+# (1.42 s against 1.50 s, FP16 1.99 s; pipelines/cpu_int8.py), so attention is quantized there only.
 # The INT8 convolutions (jit_avx2_I8) are 2.2-2.5x faster than fp32 there; the INT8 fully
 # connected layers (jit_gemm_i8) gain nothing without VNNI but do with AMX, so they stay quantized,
 # and on such a CPU they are compiled as INT8 1x1 convolutions instead (pipelines/cpu_int8.py:
@@ -176,13 +178,9 @@ ENV_SD_CALIBRATION_SUBSET = "VOICE_STUDIO_SD_CALIBRATION_SUBSET"
 SD_CALIBRATION_PROMPTS = Path(__file__).parent / "data" / "calibration_prompts.json"
 SD_CALIBRATION_POSES = Path(__file__).parent / "data" / "calibration_poses.json"
 POSE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-SD_INT8_METHOD = (
-    "INT8 post-training quantization of UNet and ControlNet (nncf.quantize, ModelType.TRANSFORMER, "
-    "bias correction off, attention (ScaledDotProductAttention) left in FP16), calibrated on their inputs "
-    "while the FP16 pipeline denoises; text encoder and VAE FP16"
-)
 SD_INT8_FORMAT = 2  # bump when what the quantization writes changes: part of the cache key (2: attention FP16)
-#: Node types NNCF leaves unquantized: attention stays one fused kernel (see above).
+#: Node types NNCF leaves unquantized by default: attention stays one fused FP16 kernel (see above);
+#: on CPUs with AMX-INT8 nothing is left out (:func:`sd_ignored_types`).
 SD_INT8_IGNORED_TYPES = ("ScaledDotProductAttention",)
 #: NNCF's own overflow fix (7-bit weights in the first layer only): SD INT8's where kernels do not saturate.
 NNCF_DEFAULT_OVERFLOW_FIX = "first_layer_only"
@@ -257,11 +255,13 @@ class SDCalibration:
         }
         # How NNCF quantizes on this CPU is part of the key too, only when it is not the default (so
         # folders made with the default keep their keys): a folder made where INT8 kernels saturate
-        # uses 7-bit weights, one made elsewhere would saturate there.
-        overflow_fix = sd_overflow_fix()
+        # uses 7-bit weights, one made elsewhere would saturate there; one made with AMX-INT8 has
+        # INT8 attention, which splits into slow kernels elsewhere.
+        overflow_fix, ignored_types = sd_overflow_fix(), sd_ignored_types()
         digest = hashlib.sha1(json.dumps(
             {"prompts": prompts[:runs], "poses": pose_digest, "format": SD_INT8_FORMAT,
              **({"overflow_fix": overflow_fix} if overflow_fix != NNCF_DEFAULT_OVERFLOW_FIX else {}),
+             **({"ignored_types": list(ignored_types)} if tuple(ignored_types) != SD_INT8_IGNORED_TYPES else {}),
              **{k: v for k, v in facts.items() if k not in ("prompts", "poses")}},
             sort_keys=True).encode()).hexdigest()[:12]
         return SDCalibrationSet(prompts=prompts, poses=poses, sources=facts, key=digest)
@@ -403,6 +403,21 @@ def gather_sd_calibration(pipeline, data: SDCalibrationSet, settings: SDCalibrat
     return samples
 
 
+def sd_ignored_types() -> tuple[str, ...]:
+    """Node types SD INT8 made on this CPU leaves in FP16: attention, except where the CPU has AMX-INT8
+    and quantized attention is faster (:func:`pipelines.cpu_int8.int8_attention`)."""
+    return () if cpu_int8.int8_attention() else SD_INT8_IGNORED_TYPES
+
+
+def sd_int8_method(ignored_types: Sequence[str]) -> str:
+    """The method recorded in the INT8 folder's marker."""
+    attention = ("attention (ScaledDotProductAttention) left in FP16" if "ScaledDotProductAttention" in ignored_types
+                 else "attention quantized too (AMX-INT8)")
+    return ("INT8 post-training quantization of UNet and ControlNet (nncf.quantize, ModelType.TRANSFORMER, "
+            f"bias correction off, {attention}), calibrated on their inputs while the FP16 pipeline denoises; "
+            "text encoder and VAE FP16")
+
+
 def sd_overflow_fix() -> str:
     """NNCF's overflow fix for SD INT8 made on this CPU: ``enable`` (7-bit weights everywhere) where
     INT8 kernels saturate (x86 without VNNI, see :mod:`pipelines.cpu_int8`), else NNCF's default
@@ -410,8 +425,10 @@ def sd_overflow_fix() -> str:
     return cpu_int8.overflow_fix(NNCF_DEFAULT_OVERFLOW_FIX)
 
 
-def quantize_sd_model(model, samples: list[dict], overflow_fix: str = NNCF_DEFAULT_OVERFLOW_FIX):
-    """NNCF post-training quantization of an SD UNet or ControlNet ``ov.Model`` on recorded inputs."""
+def quantize_sd_model(model, samples: list[dict], overflow_fix: str = NNCF_DEFAULT_OVERFLOW_FIX,
+                      ignored_types: Sequence[str] = SD_INT8_IGNORED_TYPES):
+    """NNCF post-training quantization of an SD UNet or ControlNet ``ov.Model`` on recorded inputs,
+    leaving the ``ignored_types`` nodes unquantized."""
     import nncf
 
     return nncf.quantize(
@@ -422,7 +439,7 @@ def quantize_sd_model(model, samples: list[dict], overflow_fix: str = NNCF_DEFAU
         advanced_parameters=nncf.AdvancedQuantizationParameters(
             disable_bias_correction=True, overflow_fix=nncf.OverflowFix(overflow_fix)),
         # validate=False: a model exported without fused attention nodes is quantized all the same
-        ignored_scope=nncf.IgnoredScope(types=list(SD_INT8_IGNORED_TYPES), validate=False),
+        ignored_scope=nncf.IgnoredScope(types=list(ignored_types), validate=False) if ignored_types else None,
     )
 
 
@@ -435,8 +452,8 @@ def quantize_sd_int8(sd_folder: Path, controlnet_folder: Path, out_dir: Path, se
     SD1.5 + ControlNet OpenPose, 512x512, CFG), a denoising step takes 7.0 s in FP16, 7.9 s with
     INT8 weight-only compression (no speed-up: weights are dequantised before bf16 AMX matmuls) and
     5.4 s with ``nncf.quantize`` (ModelType.TRANSFORMER, bias correction off); 6.25 s vs 4.25 s
-    with static shapes. Attention nodes stay FP16 (measured on AVX2: quantizing them splits the fused
-    attention kernel and costs more than it saves). Where INT8 kernels saturate (no VNNI) the weights
+    with static shapes. Attention nodes stay FP16 except on CPUs with AMX-INT8 (:func:`sd_ignored_types`:
+    elsewhere quantizing them splits the fused attention kernel and costs more than it saves). Where INT8 kernels saturate (no VNNI) the weights
     use 7 bits (:func:`sd_overflow_fix`). Only the UNet and ControlNet, which run at every
     step, are quantized; the text encoder and VAE decoder stay FP16.
 
@@ -468,13 +485,13 @@ def quantize_sd_int8(sd_folder: Path, controlnet_folder: Path, out_dir: Path, se
         gc.collect()
     timings["gather_s"] = round(time.perf_counter() - started, 1)
     core = ov.Core()
-    overflow_fix = sd_overflow_fix()
+    overflow_fix, ignored_types = sd_overflow_fix(), sd_ignored_types()
     counts, used = {}, {name: len(items) for name, items in samples.items()}
     for index, (name, xml, label) in enumerate((("controlnet", Path(controlnet_folder) / CONTROLNET_IR, "ControlNet"),
                                                 ("unet", Path(sd_folder) / UNET_IR, "UNet"))):
         part_started = time.perf_counter()
         report(0.4 + 0.3 * index, f"Quantizing the {label} to INT8 ({len(samples[name])} calibration samples)")
-        quantized = quantize_sd_model(core.read_model(xml), samples[name], overflow_fix)
+        quantized = quantize_sd_model(core.read_model(xml), samples[name], overflow_fix, ignored_types)
         ov.save_model(quantized, out_dir / xml.name, compress_to_fp16=True)
         del quantized
         samples[name] = []
@@ -486,9 +503,9 @@ def quantize_sd_int8(sd_folder: Path, controlnet_folder: Path, out_dir: Path, se
     report(1.0, "INT8 models ready")
     return {
         "precision": "int8",
-        "method": SD_INT8_METHOD,
+        "method": sd_int8_method(ignored_types),
         "nncf": {"function": "nncf.quantize", "model_type": "TRANSFORMER", "disable_bias_correction": True,
-                 "ignored_types": list(SD_INT8_IGNORED_TYPES), "overflow_fix": overflow_fix,
+                 "ignored_types": list(ignored_types), "overflow_fix": overflow_fix,
                  "subset_size": settings.subset_size},
         "calibration_samples": used["unet"],
         "calibration_samples_per_model": used,

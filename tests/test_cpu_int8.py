@@ -30,6 +30,7 @@ EPYC = frozenset("fpu sse4_1 sse4_2 avx avx2 fma f16c bmi2 sha_ni".split())  # A
 SKYLAKE_X = EPYC | {"avx512f", "avx512bw"}  # AVX-512 without VNNI
 ICE_LAKE = SKYLAKE_X | {"avx512_vnni"}
 SAPPHIRE_RAPIDS = ICE_LAKE | {"amx_bf16", "amx_int8"}
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 ALDER_LAKE = EPYC | {"avx_vnni"}
 
 
@@ -66,6 +67,10 @@ def test_which_cpus_saturate_and_which_run_matmuls_as_convolutions():
     assert not cpu_int8.matmuls_as_convolutions("GPU", ("CPU", "GPU"), flags=EPYC)
     for flags in (SKYLAKE_X, ICE_LAKE, SAPPHIRE_RAPIDS, ALDER_LAKE):  # measured only on AVX2 without VNNI
         assert not cpu_int8.matmuls_as_convolutions("CPU", flags=flags), sorted(flags)
+    assert cpu_int8.int8_attention(SAPPHIRE_RAPIDS)  # AMX-INT8: SD attention is quantized too
+    for flags in (EPYC, SKYLAKE_X, ICE_LAKE, ALDER_LAKE, frozenset()):
+        assert not cpu_int8.int8_attention(flags), sorted(flags)
+    assert quantize.sd_ignored_types() == (() if cpu_int8.int8_attention() else ("ScaledDotProductAttention",))
     saturates = cpu_int8.saturating_int8()
     assert quantize.sd_overflow_fix() == ("enable" if saturates else "first_layer_only")  # NNCF's default
     assert quantize.encoder_overflow_fix() == ("enable" if saturates else "disable")  # optimum-intel's
@@ -101,7 +106,9 @@ def test_int8_matmuls_compile_as_int8_convolutions_with_the_same_results():
     assert not [op for op in rewritten.get_ops() if op.get_type_name() == "MatMul"]
     assert [op.get_friendly_name() for op in rewritten.get_results()] == [op.get_friendly_name() for op in quantized.get_results()]
     core = ov.Core()
-    before, after = core.compile_model(quantized, "CPU"), core.compile_model(rewritten, "CPU")
+    # f32 around the INT8 kernels: on a CPU with bf16 (AMX) their outputs would be rounded to bf16, and the
+    # two forms round at different points; this compares the rewrite itself
+    before, after = core.compile_model(quantized, "CPU", F32), core.compile_model(rewritten, "CPU", F32)
     assert ("Convolution", "u8") in runtime_layers(after) or ("Convolution", "i8") in runtime_layers(after)
     assert not [layer for layer in runtime_layers(after) if layer[0].startswith("FullyConnected")]
     x = samples[0]
@@ -120,9 +127,21 @@ def test_rewrite_keeps_dynamic_shapes_and_leaves_float_matmuls_alone():
         assert compiled(rng.standard_normal(shape).astype(np.float32))[0].shape == shape[:2] + (32,)
     flat = [{"x": rng.standard_normal((2, 64)).astype(np.float32)} for _ in range(4)]
     embedding = quantize.quantize_sd_model(_linear_model(tokens=None), flat, "enable")
-    expected = ov.Core().compile_model(embedding, "CPU")(flat[0])[0]
+    expected = ov.Core().compile_model(embedding, "CPU", F32)(flat[0])[0]
     assert cpu_int8.int8_matmuls_as_convolutions(embedding) == 1
-    np.testing.assert_allclose(ov.Core().compile_model(embedding, "CPU")(flat[0])[0], expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ov.Core().compile_model(embedding, "CPU", F32)(flat[0])[0], expected, rtol=1e-4, atol=1e-4)
     fp32 = _linear_model()  # no FakeQuantize: nothing to gain, nothing rewritten
     assert cpu_int8.int8_matmuls_as_convolutions(fp32) == 0
     assert [op for op in fp32.get_ops() if op.get_type_name() == "MatMul"]
+
+
+def test_sd_int8_folder_key_follows_the_attention_choice(monkeypatch):
+    """An SD INT8 folder made with INT8 attention (AMX-INT8) is not reused by a CPU that leaves attention FP16
+    (its INT8 attention would split into slow kernels there), and the other way round."""
+    calibration = quantize.SDCalibration(subset_size=2, steps=2, width=64, height=64)
+    keys = {}
+    for amx in (False, True):
+        monkeypatch.setattr(cpu_int8, "int8_attention", lambda flags=None, amx=amx: amx)
+        assert quantize.sd_ignored_types() == (() if amx else ("ScaledDotProductAttention",))
+        keys[amx] = calibration.load().key
+    assert keys[False] != keys[True]
