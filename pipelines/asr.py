@@ -3,8 +3,8 @@
 One ``openvino_genai.WhisperPipeline`` is loaded per (model, precision, device) on first use and
 kept in a small LRU set; a pipeline with word timestamps is a separate one, loaded only for requests
 that ask for words (subtitles), because GenAI's word-timestamp decoder is slower for every request
-it serves (0.7 s more on a 63 s file, words asked for or not). Loading is guarded per key, so two requests asking for the same model at
-the same time wait for one load. Each pipeline has its own run lock (an infer request is not
+it serves (0.7 s more on a 63 s file, words asked for or not). Loading is guarded per key, so two
+requests asking for the same model at the same time wait for one load. Each pipeline has its own run lock (an infer request is not
 shared between two generations), and every call passes its own generation settings, so one
 request never sees another's language, task or timestamps.
 """
