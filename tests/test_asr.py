@@ -58,16 +58,19 @@ def test_timestamps_off_gives_text_without_segments(service, choice, english_cli
     assert transcript.segments == ()
 
 
+def record_compiles(monkeypatch) -> list[bool]:
+    """Each pipeline WhisperService compiles from now on, as whether it has word timestamps."""
+    compiled: list[bool] = []
+    original = WhisperService._compile
+    monkeypatch.setattr(WhisperService, "_compile",
+                        lambda self, resolved, device, words: compiled.append(words)
+                        or original(self, resolved, device, words))
+    return compiled
+
+
 def test_model_loads_once_under_concurrent_requests(whisper_store, choice, english_clip, monkeypatch):
     service = WhisperService(whisper_store)
-    compiled = []
-    original = WhisperService._compile
-
-    def counting(self, resolved, device, words):
-        compiled.append(resolved.path)
-        return original(self, resolved, device, words)
-
-    monkeypatch.setattr(WhisperService, "_compile", counting)
+    compiled = record_compiles(monkeypatch)
     audio = load_audio(english_clip)
     results, errors = [], []
 
@@ -97,11 +100,7 @@ def test_word_timestamps_get_a_pipeline_of_their_own(whisper_store, choice, engl
     """GenAI's word-timestamp pipeline decomposes the decoder's cross-attention, which slows every request it
     serves; so only requests that ask for words use it, and the others a plain pipeline, each compiled once."""
     service = WhisperService(whisper_store)
-    compiled = []
-    original = WhisperService._compile
-    monkeypatch.setattr(WhisperService, "_compile",
-                        lambda self, resolved, device, words: compiled.append(words)
-                        or original(self, resolved, device, words))
+    compiled = record_compiles(monkeypatch)
     audio = load_audio(english_clip)
     service.transcribe(audio, choice, TranscribeOptions(language="en"))
     assert compiled == [False] and service.is_loaded(choice) and not service.is_loaded(choice, words=True)
@@ -130,11 +129,7 @@ def test_a_model_without_alignment_heads_serves_word_requests_with_its_plain_pip
     del config["alignment_heads"]
     (folder / "generation_config.json").write_text(json.dumps(config))
     service = WhisperService(whisper_store)
-    compiled = []
-    original = WhisperService._compile
-    monkeypatch.setattr(WhisperService, "_compile",
-                        lambda self, resolved, device, words: compiled.append(words)
-                        or original(self, resolved, device, words))
+    compiled = record_compiles(monkeypatch)
     choice = ModelChoice(model=str(folder), device="CPU")
     audio = load_audio(english_clip)
     words = service.transcribe(audio, choice, TranscribeOptions(language="en", word_timestamps=True))
@@ -148,11 +143,7 @@ def test_a_model_unloaded_while_a_request_runs_on_it_is_taken_back_not_compiled_
     import gc
 
     service = WhisperService(whisper_store, max_loaded=1)
-    compiled = []
-    original = WhisperService._compile
-    monkeypatch.setattr(WhisperService, "_compile",
-                        lambda self, resolved, device, words: compiled.append(resolved.path)
-                        or original(self, resolved, device, words))
+    compiled = record_compiles(monkeypatch)
     other = ModelChoice(model=str(tiny_whisper_ir), device="CPU")
     running = service.load(choice)  # a long subtitle job holds it ...
     service.load(other)  # ... while another request's model takes its place
