@@ -30,8 +30,8 @@ EPYC = frozenset("fpu sse4_1 sse4_2 avx avx2 fma f16c bmi2 sha_ni".split())  # A
 SKYLAKE_X = EPYC | {"avx512f", "avx512bw"}  # AVX-512 without VNNI
 ICE_LAKE = SKYLAKE_X | {"avx512_vnni"}
 SAPPHIRE_RAPIDS = ICE_LAKE | {"amx_bf16", "amx_int8"}
-F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 ALDER_LAKE = EPYC | {"avx_vnni"}
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}  # compile without bf16 rounding
 
 
 @pytest.fixture(autouse=True)
