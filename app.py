@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from pipelines.core.layout import SPACE_DATA_DIR  # standard library only: importing does no work
+
 ENV_PREFIX = "VOICE_STUDIO_"
 DEFAULT_PORT = 7860
 DEFAULT_QUEUE_SIZE = 64
 DEFAULT_MAX_UPLOAD_MB = 500.0
 DEFAULT_MAX_AUDIO_MINUTES = 180.0
 CONCURRENCY_KINDS = ("whisper", "image", "pose", "network")
-SPACE_DATA_DIR = Path("/data")  # a Hugging Face Space's persistent storage, when it has some
 TRUE_WORDS = {"1", "true", "yes", "on"}
 
 log = logging.getLogger("voice_studio")
@@ -60,15 +61,6 @@ def _positive(cast):
     return convert
 
 
-def default_models_dir(environ: Mapping[str, str], data_dir: Path = SPACE_DATA_DIR) -> Path:
-    """VOICE_STUDIO_MODELS_DIR, else a Space's persistent /data/models_cache, else models_cache/."""
-    if environ.get(f"{ENV_PREFIX}MODELS_DIR"):
-        return Path(environ[f"{ENV_PREFIX}MODELS_DIR"])
-    if environ.get("SPACE_ID") and data_dir.is_dir():
-        return data_dir / "models_cache"
-    return Path("models_cache")
-
-
 def default_host(environ: Mapping[str, str]) -> str:
     return (environ.get(f"{ENV_PREFIX}HOST") or environ.get("GRADIO_SERVER_NAME")
             or ("0.0.0.0" if environ.get("SPACE_ID") else "127.0.0.1"))
@@ -77,103 +69,122 @@ def default_host(environ: Mapping[str, str]) -> str:
 def parse_args(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, str]] = None,
                data_dir: Path = SPACE_DATA_DIR) -> argparse.Namespace:
     """Flags, with defaults from VOICE_STUDIO_* variables and, when SPACE_ID is set, a Space's conventions."""
-    from pipelines.model_store import INT8_METHODS
+    from pipelines.speech.catalogue import INT8_METHODS
 
     environ = os.environ if environ is None else environ
-    env = environ.get
     parser = argparse.ArgumentParser(
         prog="app.py",
         description="Voice Studio: speech to text, video to subtitles and voice to pose-guided image, on OpenVINO. "
                     "Every flag but --share can also be set with the environment variable named after it.",
     )
-    serving = parser.add_argument_group("serving")
-    serving.add_argument("--host", default=default_host(environ),
-                         help="address to listen on (env VOICE_STUDIO_HOST; default 127.0.0.1, on a Hugging Face "
-                              "Space 0.0.0.0; 0.0.0.0 serves the network and makes the app shared)")
-    # String defaults go through each flag's type, so a bad environment value is reported like a bad flag.
-    serving.add_argument("--port", type=int,
-                         default=env(f"{ENV_PREFIX}PORT") or env("GRADIO_SERVER_PORT") or str(DEFAULT_PORT),
-                         help="port (env VOICE_STUDIO_PORT or GRADIO_SERVER_PORT; default 7860)")
-    serving.add_argument("--share", action="store_true", help="also open a public Gradio share link (shared)")
-    serving.add_argument("--queue-size", type=_positive(int),
-                         default=env(f"{ENV_PREFIX}QUEUE_SIZE") or str(DEFAULT_QUEUE_SIZE),
-                         help="requests that may wait at once, over all kinds of work; more are refused with "
-                              "'busy, try again' (env VOICE_STUDIO_QUEUE_SIZE; default 64)")
-    serving.add_argument("--concurrency", type=_concurrency_pair, action="append", metavar="KIND=N", default=[],
-                         help="requests of one kind run at once (for whisper and image: work slots; a few "
-                              "more may get their model ready meanwhile), repeatable: whisper=2 image=1 pose=1 "
-                              "network=4 (env VOICE_STUDIO_CONCURRENCY='whisper=2,image=1')")
-    serving.add_argument("--preload", action="store_true", default=_env_flag(environ, "PRELOAD"),
-                         help="load the default Whisper model in the background at start; the server answers "
-                              "at once (env VOICE_STUDIO_PRELOAD=1)")
-    limits = parser.add_argument_group("limits and security")
-    limits.add_argument("--max-upload-mb", type=_positive(float),
-                        default=env(f"{ENV_PREFIX}MAX_UPLOAD_MB") or str(DEFAULT_MAX_UPLOAD_MB),
-                        help="largest upload in MB (env VOICE_STUDIO_MAX_UPLOAD_MB; default 500)")
-    limits.add_argument("--max-audio-minutes", type=_positive(float),
-                        default=env(f"{ENV_PREFIX}MAX_AUDIO_MINUTES") or str(DEFAULT_MAX_AUDIO_MINUTES),
-                        help="longest audio or video accepted, in minutes (env VOICE_STUDIO_MAX_AUDIO_MINUTES; "
-                             "default 180)")
-    limits.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD",
-                        help="require a login, repeatable (visible in the process list: prefer --auth-file or "
-                             "env VOICE_STUDIO_AUTH, one user:password a line)")
-    limits.add_argument("--auth-file", type=Path, default=Path(env(f"{ENV_PREFIX}AUTH_FILE")) if env(
-                        f"{ENV_PREFIX}AUTH_FILE") else None, metavar="PATH",
-                        help="file of user:password lines, # comments (env VOICE_STUDIO_AUTH_FILE)")
-    limits.add_argument("--allow-local-models", action="store_true", default=_env_flag(environ, "ALLOW_LOCAL_MODELS"),
-                        help="on a shared server, still let users give local folders as models "
-                             "(env VOICE_STUDIO_ALLOW_LOCAL_MODELS=1)")
-    models = parser.add_argument_group("models")
-    models.add_argument("--models-dir", type=Path, default=default_models_dir(environ, data_dir),
-                        help="where converted OpenVINO models are cached (env VOICE_STUDIO_MODELS_DIR; default "
-                             "models_cache/, on a Space with persistent storage /data/models_cache)")
-    models.add_argument("--device", default=env(f"{ENV_PREFIX}DEVICE", "CPU"),
-                        help="default OpenVINO device: CPU, GPU, NPU or AUTO (env VOICE_STUDIO_DEVICE; default CPU)")
-    models.add_argument("--model", default=env(f"{ENV_PREFIX}MODEL", None),
-                        help="default Whisper model: a listed id, a Hugging Face id or a local folder "
-                             "(env VOICE_STUDIO_MODEL; default: the bundled multilingual whisper-base)")
-    models.add_argument("--whisper-int8", choices=INT8_METHODS,
-                        default=env(f"{ENV_PREFIX}WHISPER_INT8") or "decoder-weights",
-                        help="how INT8 Whisper is made: decoder-weights (INT8 decoder weights, FP16 encoder: the "
-                             "fastest and most accurate on AVX-512/AMX CPUs) or calibrated (NNCF post-training "
-                             "quantization of the encoder, calibrated on speech) (env VOICE_STUDIO_WHISPER_INT8)")
-    models.add_argument("--max-loaded-models", type=_positive(int),
-                        default=env(f"{ENV_PREFIX}MAX_LOADED_MODELS") or "3",
-                        help="Whisper pipelines kept loaded at once; subtitles use a second pipeline of a model, "
-                             "with word timestamps (env VOICE_STUDIO_MAX_LOADED_MODELS; default 3)")
-    housekeeping = parser.add_argument_group("models folder housekeeping (these run, print and exit; no server)")
-    housekeeping.add_argument("--list-models", action="store_true",
-                              help="list the models folder: each converted model with its size, when it was last "
-                                   "used and whether this install can still use it")
-    housekeeping.add_argument("--prune-models", action="store_true",
-                              help="remove what this install can no longer use: models converted by other library "
-                                   "versions (before an upgrade), leftovers of conversions that did not finish, and "
-                                   "OpenVINO's compile cache (rebuilt when a model next loads)")
-    housekeeping.add_argument("--unused-days", type=_positive(float), metavar="DAYS",
-                              help="with --list-models / --prune-models: also count as prunable the models not "
-                                   "used for DAYS days (they are converted again when next asked for)")
+    _serving_flags(parser.add_argument_group("serving"), environ)
+    _limit_flags(parser.add_argument_group("limits and security"), environ)
+    _model_flags(parser.add_argument_group("models"), environ, data_dir)
+    _housekeeping_flags(parser.add_argument_group(
+        "models folder housekeeping (these run, print and exit; no server)"))
     args = parser.parse_args(argv)
     if args.unused_days is not None and not (args.list_models or args.prune_models):
         parser.error("--unused-days goes with --list-models or --prune-models")
     try:  # VOICE_STUDIO_CONCURRENCY first, so that flags win
-        from_env = [_concurrency_pair(p) for p in (env(f"{ENV_PREFIX}CONCURRENCY") or "").split(",") if p.strip()]
+        from_env = [_concurrency_pair(p) for p in (environ.get(f"{ENV_PREFIX}CONCURRENCY") or "").split(",")
+                    if p.strip()]
     except argparse.ArgumentTypeError as exc:
         parser.error(f"VOICE_STUDIO_CONCURRENCY: {exc}")
     args.concurrency = from_env + list(args.concurrency or [])
     if args.whisper_int8 not in INT8_METHODS:  # argparse checks the choices of flags, not of defaults
         parser.error(f"VOICE_STUDIO_WHISPER_INT8: invalid choice '{args.whisper_int8}' "
                      f"(choose from {', '.join(INT8_METHODS)})")
-    args.space_id = env("SPACE_ID") or None
-    args.auth_env = env(f"{ENV_PREFIX}AUTH") or None  # user:password lines, e.g. from a Space secret
+    args.space_id = environ.get("SPACE_ID") or None
+    args.auth_env = environ.get(f"{ENV_PREFIX}AUTH") or None  # user:password lines, e.g. from a Space secret
     return args
+
+
+def _serving_flags(group, environ: Mapping[str, str]) -> None:
+    env = environ.get
+    group.add_argument("--host", default=default_host(environ),
+                       help="address to listen on (env VOICE_STUDIO_HOST; default 127.0.0.1, on a Hugging Face "
+                            "Space 0.0.0.0; 0.0.0.0 serves the network and makes the app shared)")
+    # String defaults go through each flag's type, so a bad environment value is reported like a bad flag.
+    group.add_argument("--port", type=int,
+                       default=env(f"{ENV_PREFIX}PORT") or env("GRADIO_SERVER_PORT") or str(DEFAULT_PORT),
+                       help="port (env VOICE_STUDIO_PORT or GRADIO_SERVER_PORT; default 7860)")
+    group.add_argument("--share", action="store_true", help="also open a public Gradio share link (shared)")
+    group.add_argument("--queue-size", type=_positive(int),
+                       default=env(f"{ENV_PREFIX}QUEUE_SIZE") or str(DEFAULT_QUEUE_SIZE),
+                       help="requests that may wait at once, over all kinds of work; more are refused with "
+                            "'busy, try again' (env VOICE_STUDIO_QUEUE_SIZE; default 64)")
+    group.add_argument("--concurrency", type=_concurrency_pair, action="append", metavar="KIND=N", default=[],
+                       help="requests of one kind run at once (for whisper and image: work slots; a few "
+                            "more may get their model ready meanwhile), repeatable: whisper=2 image=1 pose=1 "
+                            "network=4 (env VOICE_STUDIO_CONCURRENCY='whisper=2,image=1')")
+    group.add_argument("--preload", action="store_true", default=_env_flag(environ, "PRELOAD"),
+                       help="load the default Whisper model in the background at start; the server answers "
+                            "at once (env VOICE_STUDIO_PRELOAD=1)")
+
+
+def _limit_flags(group, environ: Mapping[str, str]) -> None:
+    env = environ.get
+    group.add_argument("--max-upload-mb", type=_positive(float),
+                       default=env(f"{ENV_PREFIX}MAX_UPLOAD_MB") or str(DEFAULT_MAX_UPLOAD_MB),
+                       help="largest upload in MB (env VOICE_STUDIO_MAX_UPLOAD_MB; default 500)")
+    group.add_argument("--max-audio-minutes", type=_positive(float),
+                       default=env(f"{ENV_PREFIX}MAX_AUDIO_MINUTES") or str(DEFAULT_MAX_AUDIO_MINUTES),
+                       help="longest audio or video accepted, in minutes (env VOICE_STUDIO_MAX_AUDIO_MINUTES; "
+                            "default 180)")
+    group.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD",
+                       help="require a login, repeatable (visible in the process list: prefer --auth-file or "
+                            "env VOICE_STUDIO_AUTH, one user:password a line)")
+    group.add_argument("--auth-file", type=Path, default=Path(env(f"{ENV_PREFIX}AUTH_FILE")) if env(
+                       f"{ENV_PREFIX}AUTH_FILE") else None, metavar="PATH",
+                       help="file of user:password lines, # comments (env VOICE_STUDIO_AUTH_FILE)")
+    group.add_argument("--allow-local-models", action="store_true", default=_env_flag(environ, "ALLOW_LOCAL_MODELS"),
+                       help="on a shared server, still let users give local folders as models "
+                            "(env VOICE_STUDIO_ALLOW_LOCAL_MODELS=1)")
+
+
+def _model_flags(group, environ: Mapping[str, str], data_dir: Path) -> None:
+    from pipelines.core.layout import default_models_dir
+    from pipelines.speech.catalogue import INT8_METHODS
+
+    env = environ.get
+    group.add_argument("--models-dir", type=Path, default=default_models_dir(environ, data_dir),
+                       help="where converted OpenVINO models are cached (env VOICE_STUDIO_MODELS_DIR; default "
+                            "models_cache/, on a Space with persistent storage /data/models_cache)")
+    group.add_argument("--device", default=env(f"{ENV_PREFIX}DEVICE", "CPU"),
+                       help="default OpenVINO device: CPU, GPU, NPU or AUTO (env VOICE_STUDIO_DEVICE; default CPU)")
+    group.add_argument("--model", default=env(f"{ENV_PREFIX}MODEL", None),
+                       help="default Whisper model: a listed id, a Hugging Face id or a local folder "
+                            "(env VOICE_STUDIO_MODEL; default: the bundled multilingual whisper-base)")
+    group.add_argument("--whisper-int8", choices=INT8_METHODS,
+                       default=env(f"{ENV_PREFIX}WHISPER_INT8") or "decoder-weights",
+                       help="how INT8 Whisper is made: decoder-weights (INT8 decoder weights, FP16 encoder: the "
+                            "fastest and most accurate on AVX-512/AMX CPUs) or calibrated (NNCF post-training "
+                            "quantization of the encoder, calibrated on speech) (env VOICE_STUDIO_WHISPER_INT8)")
+    group.add_argument("--max-loaded-models", type=_positive(int),
+                       default=env(f"{ENV_PREFIX}MAX_LOADED_MODELS") or "3",
+                       help="Whisper pipelines kept loaded at once; subtitles use a second pipeline of a model, "
+                            "with word timestamps (env VOICE_STUDIO_MAX_LOADED_MODELS; default 3)")
+
+
+def _housekeeping_flags(group) -> None:
+    group.add_argument("--list-models", action="store_true",
+                       help="list the models folder: each converted model with its size, when it was last "
+                            "used and whether this install can still use it")
+    group.add_argument("--prune-models", action="store_true",
+                       help="remove what this install can no longer use: models converted by other library "
+                            "versions (before an upgrade), leftovers of conversions that did not finish, and "
+                            "OpenVINO's compile cache (rebuilt when a model next loads)")
+    group.add_argument("--unused-days", type=_positive(float), metavar="DAYS",
+                       help="with --list-models / --prune-models: also count as prunable the models not "
+                            "used for DAYS days (they are converted again when next asked for)")
 
 
 # --------------------------------------------------------------------------- services and UI
 def make_services(args: argparse.Namespace):
-    from pipelines.devices import default_device
-    from pipelines.security import is_shared
+    from pipelines.core.devices import default_device
+    from pipelines.core.security import is_shared
     from pipelines.services import DEFAULT_CONCURRENCY, Services, Settings
-    from pipelines.whisper_models import DEFAULT_MODEL
+    from pipelines.speech.catalogue import DEFAULT_MODEL
 
     shared = is_shared(args.host, args.share, {"SPACE_ID": args.space_id} if args.space_id else {})
     settings = Settings(
@@ -193,7 +204,7 @@ def make_services(args: argparse.Namespace):
 
 def _startup_device(device: str) -> str:
     """The --device / VOICE_STUDIO_DEVICE value, checked against what OpenVINO finds here, or a clear exit."""
-    from pipelines.devices import validate_device
+    from pipelines.core.devices import validate_device
 
     try:
         return validate_device(device)
@@ -211,7 +222,7 @@ class Preload:
     thread: Optional[threading.Thread] = field(default=None, repr=False)
 
     def start(self, services) -> "Preload":
-        from pipelines.types import ModelChoice
+        from pipelines.core.types import ModelChoice
 
         choice = ModelChoice(model=services.settings.default_model, device=services.settings.default_device)
 
@@ -234,7 +245,7 @@ class Preload:
 
 
 def make_status_handler(services, preload: Preload):
-    from pipelines.security import looks_like_local_path
+    from pipelines.core.security import looks_like_local_path
 
     def status() -> dict:
         """Which Whisper models are loaded, and the state of the start-up preload (off, loading, ready, failed).
@@ -331,7 +342,7 @@ def launch_options(args: argparse.Namespace, auth) -> dict:
 
 def serve(args: argparse.Namespace, block: bool = True):
     """Build everything and launch. Returns (demo, services, preload) once serving (block=False)."""
-    from pipelines.security import load_auth
+    from pipelines.core.security import load_auth
 
     # fails before any work when a login is malformed
     auth = load_auth(args.auth, args.auth_file, {"VOICE_STUDIO_AUTH": getattr(args, "auth_env", None) or ""})
@@ -364,7 +375,7 @@ def models_housekeeping(args: argparse.Namespace, out=None) -> list:
     """--list-models / --prune-models: print the models folder's entries (or what was removed)."""
     import sys
 
-    from pipelines.cache import CURRENT, prune_models, scan_models
+    from pipelines.core.housekeeping import CURRENT, prune_models, scan_models
 
     out = out or sys.stdout
     root = Path(args.models_dir)
@@ -393,7 +404,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for name in ("voice_studio", "pipelines"):
         logging.getLogger(name).setLevel(logging.INFO)
-    from pipelines.security import AuthConfigError
+    from pipelines.core.security import AuthConfigError
 
     args = parse_args(argv)
     if args.list_models or args.prune_models:

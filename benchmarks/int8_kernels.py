@@ -77,7 +77,8 @@ def main() -> None:
     import nncf
     import openvino as ov
 
-    from pipelines import cpu_int8, quantize
+    from pipelines.core import cpu_int8
+    from pipelines.image import int8 as quantize
 
     nncf.set_log_level(logging.ERROR)
     host = machine.describe()

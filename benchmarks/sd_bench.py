@@ -153,7 +153,7 @@ def _build_controlnet(folder: Path) -> None:
 def pose_image(size: int = 512):
     """One standing person (the tests' keypoints), drawn by controlnet-aux as the app does."""
     import image_fixtures as fx
-    from pipelines.pose import draw_skeleton, poses_from_detection
+    from pipelines.image.pose import draw_skeleton, poses_from_detection
 
     candidate, subset = fx.known_detection()
     return draw_skeleton(poses_from_detection(candidate, subset, 256, 256), 256, 256, size=(size, size))
@@ -253,7 +253,7 @@ def child_ov_prepare(system: str, models: dict, args) -> dict:
     result = {"system": system, **recorded, "prepare_cached": seconds <= 5,
               "folders": {k: str(v) for k, v in folders.items()}}
     if precision == "int8":
-        result["quantization"] = service._cache.describe(folders["int8"])
+        result["quantization"] = service.layout.cache.describe(folders["int8"])
     mb = lambda xml: folder_mb([xml, xml.with_suffix(".bin")])  # noqa: E731
     result["sizes_mb"] = {"unet": mb(folders["unet_xml"]), "controlnet": mb(folders["controlnet_xml"]),
                           "text_encoder+vae": mb(folders["sd"] / "text_encoder.xml") + mb(folders["sd"] / "vae_decoder.xml")}
@@ -263,7 +263,7 @@ def child_ov_prepare(system: str, models: dict, args) -> dict:
 
 def child_ov(system: str, models: dict, args) -> dict:
     """This app's path: ImageService over the cached IR (converted / quantized by the prepare step)."""
-    from pipelines.image import ImageOptions
+    from pipelines.image.request import ImageOptions
 
     service, precision = _ov_service(system, models, args)
     pose = pose_image(args.size)
@@ -291,10 +291,10 @@ def child_ov_ab(models: dict, args) -> dict:
     the VM's speed drifts over minutes (other work on the machine), which this cancels out of the ratio."""
     from statistics import median
 
-    from pipelines.image import ImageOptions
+    from pipelines.image.request import ImageOptions
 
     service, _ = _ov_service("ov-int8", models, args)
-    service.max_loaded = 2
+    service.pool.limits["image"] = 2  # both pipelines stay loaded
     pose = pose_image(args.size)
     options = ImageOptions(prompt=PROMPT, negative_prompt=NEGATIVE, steps=args.ab_steps, guidance_scale=7.5,
                            seed=SEED, width=args.size, height=args.size, scheduler="UniPC")

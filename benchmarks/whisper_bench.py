@@ -50,7 +50,7 @@ def make_audio(folder: Path, minutes: float) -> tuple[Path, str]:
     import numpy as np
     import soundfile
 
-    from pipelines.audio import load_audio
+    from pipelines.speech.audio import load_audio
 
     text = json.loads(PARAGRAPH.read_text())["english_long"]["text"]
     raw = folder / "paragraph.wav"
@@ -90,9 +90,10 @@ def word_errors(reference: str, hypothesis: str) -> tuple[float, list[str]]:
 
 def in_turns(model: str, audio, models_dir: Path, rounds: int) -> dict:
     """FP16 and INT8 through one WhisperService, run in turns on the same audio; per-round times."""
-    from pipelines.asr import WhisperService
-    from pipelines.model_store import WhisperModelStore
-    from pipelines.types import ModelChoice, TranscribeOptions
+    from pipelines.speech.service import WhisperService
+    from pipelines.speech.store import WhisperModelStore
+    from pipelines.core.types import ModelChoice
+    from pipelines.speech.types import TranscribeOptions
 
     service = WhisperService(WhisperModelStore(models_dir), max_loaded=2)
     choices = {p: ModelChoice(model, p, "CPU") for p in ("fp16", "int8")}
@@ -112,21 +113,22 @@ def in_turns(model: str, audio, models_dir: Path, rounds: int) -> dict:
 
 
 def child(system: str, model: str, audio_path: Path, models_dir: Path, threads: int, rounds: int = 0) -> dict:
-    from pipelines.audio import load_audio
+    from pipelines.speech.audio import load_audio
 
     if system == "openvino-in-turns":
         return in_turns(model, load_audio(audio_path), models_dir, rounds)
     if system == "prepare":  # convert / quantize into the models folder, untimed
-        from pipelines.model_store import WhisperModelStore
+        from pipelines.speech.store import WhisperModelStore
 
         store = WhisperModelStore(models_dir)
         return {"system": system, "paths": [str(store.resolve(model, p).path) for p in ("fp16", "int8")]}
     audio = load_audio(audio_path)
     load_start = time.perf_counter()
     if system.startswith("openvino"):
-        from pipelines.asr import WhisperService
-        from pipelines.model_store import WhisperModelStore
-        from pipelines.types import ModelChoice, TranscribeOptions
+        from pipelines.speech.service import WhisperService
+        from pipelines.speech.store import WhisperModelStore
+        from pipelines.core.types import ModelChoice
+        from pipelines.speech.types import TranscribeOptions
 
         service = WhisperService(WhisperModelStore(models_dir))
         choice = ModelChoice(model, "int8" if system.endswith("int8") else "fp16", "CPU")
@@ -139,10 +141,10 @@ def child(system: str, model: str, audio_path: Path, models_dir: Path, threads: 
     elif system.startswith("faster-whisper"):
         from faster_whisper import WhisperModel
 
-        from pipelines import ct2_import
+        from pipelines.speech import bundled
 
         ct2_dir = Path(tempfile.mkdtemp()) / "ct2"
-        ct2_import.materialise_bundled(model, ct2_dir)
+        bundled.materialise_bundled(model, ct2_dir)
         fw = WhisperModel(str(ct2_dir), device="cpu", compute_type="int8" if system.endswith("int8") else "float32",
                           cpu_threads=threads)
         load = time.perf_counter() - load_start
@@ -155,10 +157,10 @@ def child(system: str, model: str, audio_path: Path, models_dir: Path, threads: 
         import torch
         from transformers import pipeline
 
-        from pipelines import ct2_import
+        from pipelines.speech import bundled
 
         torch.set_num_threads(threads)
-        hf_dir = ct2_import.convert_bundled(model, Path(tempfile.mkdtemp()) / "hf")
+        hf_dir = bundled.convert_bundled(model, Path(tempfile.mkdtemp()) / "hf")
         asr = pipeline("automatic-speech-recognition", model=str(hf_dir), dtype=torch.float32, device="cpu",
                        chunk_length_s=30)
         load = time.perf_counter() - load_start

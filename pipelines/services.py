@@ -1,6 +1,8 @@
-"""The long-lived services one app process shares: built by app.py, handed to the UI.
+"""The composition root: settings -> the long-lived services one app process shares.
 
-Building them loads nothing: every model is converted and compiled on first use.
+Built by app.py and handed to the UI. One models folder layout (:mod:`pipelines.core.layout`) and
+one model pool (:mod:`pipelines.core.pool`) serve every domain: speech (Whisper), image (SD1.5 +
+ControlNet) and pose. Building them loads nothing: every model is converted and compiled on first use.
 """
 from __future__ import annotations
 
@@ -8,13 +10,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .asr import WhisperService
-from .image import ImageService
-from .model_store import WhisperModelStore
-from .pose import PoseService
-from .sd_convert import DEFAULT_CONTROLNET, DEFAULT_POSE_MODEL, DEFAULT_SD_MODEL
-from .security import check_model_reference
-from .whisper_models import DEFAULT_MODEL
+from pipelines.core.layout import ModelsLayout
+from pipelines.core.pool import ModelPool
+from pipelines.core.security import check_model_reference
+from pipelines.image import pose, service as image_service
+from pipelines.image.convert import DEFAULT_CONTROLNET, DEFAULT_POSE_MODEL, DEFAULT_SD_MODEL
+from pipelines.image.pose import PoseService
+from pipelines.image.service import ImageService
+from pipelines.speech import service as speech_service
+from pipelines.speech.catalogue import DEFAULT_MODEL
+from pipelines.speech.service import WhisperService
+from pipelines.speech.store import WhisperModelStore
 
 #: How many requests of each kind of work run at once (Gradio concurrency ids). Transcriptions and
 #: image generation have separate ids, so a long generation never holds up a transcription. For
@@ -25,6 +31,10 @@ DEFAULT_CONCURRENCY: dict[str, int] = {"whisper": 2, "image": 1, "pose": 1, "net
 #: a model no one used yet does not hold up everyone whose model is ready.
 PREPARING_ALONGSIDE: dict[str, int] = {"whisper": 2, "image": 1}
 DEFAULT_QUEUE_SIZE = 64
+#: Models of each kind kept loaded at once (Whisper's is --max-loaded-models).
+IMAGE_PIPELINES_LOADED = 1
+POSE_MODELS_LOADED = 2
+SLOT_NAMES = {speech_service.KIND: "transcription", image_service.KIND: "image generation"}
 
 
 @dataclass
@@ -34,7 +44,7 @@ class Settings:
     default_device: str = "CPU"
     max_loaded_whisper: int = 3  # pipelines: a model used for subtitles (word timestamps) has a second one
     max_audio_seconds: float = 3 * 3600.0
-    whisper_int8: Optional[str] = None  # how INT8 Whisper is made (model_store.INT8_METHODS; None: env/default)
+    whisper_int8: Optional[str] = None  # how INT8 Whisper is made (catalogue.INT8_METHODS; None: env/default)
     sd_model: str = DEFAULT_SD_MODEL
     controlnet_model: str = DEFAULT_CONTROLNET
     pose_model: str = DEFAULT_POSE_MODEL
@@ -62,22 +72,26 @@ class Settings:
 @dataclass
 class Services:
     settings: Settings
+    layout: ModelsLayout = field(init=False)
+    pool: ModelPool = field(init=False)
     whisper: WhisperService = field(init=False)
     image: ImageService = field(init=False)
     pose: PoseService = field(init=False)
 
     def __post_init__(self) -> None:
-        root = Path(self.settings.models_dir)
-        store = WhisperModelStore(root, int8_method=self.settings.whisper_int8)
-        self.whisper = WhisperService(store, max_loaded=self.settings.max_loaded_whisper,
-                                      workers=self.settings.concurrency["whisper"])
-        self.image = ImageService(root, sd_model=self.settings.sd_model,
-                                  controlnet_model=self.settings.controlnet_model,
-                                  device=self.settings.default_device, workers=self.settings.concurrency["image"])
-        self.pose = PoseService(root, pose_model=self.settings.pose_model, device=self.settings.default_device)
+        settings = self.settings
+        self.layout = ModelsLayout.of(settings.models_dir)
+        self.pool = ModelPool(
+            limits={speech_service.KIND: settings.max_loaded_whisper, image_service.KIND: IMAGE_PIPELINES_LOADED,
+                    pose.KIND: POSE_MODELS_LOADED},
+            slots={kind: settings.concurrency[kind] for kind in SLOT_NAMES}, slot_names=SLOT_NAMES)
+        store = WhisperModelStore(self.layout, int8_method=settings.whisper_int8)
+        self.whisper = WhisperService(store, pool=self.pool)
+        self.image = ImageService(self.layout, sd_model=settings.sd_model, controlnet_model=settings.controlnet_model,
+                                  device=settings.default_device, pool=self.pool)
+        self.pose = PoseService(self.layout, pose_model=settings.pose_model, device=settings.default_device,
+                                pool=self.pool)
 
     def release_all(self) -> None:
         """Unload every model (they load again on next use)."""
-        self.image.release()
-        self.pose.release()
-        self.whisper.release()
+        self.pool.release()

@@ -50,7 +50,7 @@ def tiny_whisper_hf(tmp_path_factory) -> Path:
     import torch
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast
 
-    from pipelines.ct2_import import whisper_generation_config
+    from pipelines.speech.ct2_import import whisper_generation_config
 
     out = tmp_path_factory.mktemp("tiny-whisper-hf")
     tokenizer = WhisperTokenizerFast(tokenizer_file=str(multilingual_tokenizer_json()))
@@ -94,17 +94,17 @@ def cache_root(models_dir) -> Path:
 @pytest.fixture(scope="session")
 def ir_folders(tiny_models, cache_root) -> dict[str, Path]:
     """The tiny SD1.5 and ControlNet converted to OpenVINO IR by the app's own conversion code."""
-    from pipelines import sd_convert
+    from pipelines.image import sources
 
     return {
-        "sd": sd_convert.ensure_sd15(cache_root, str(tiny_models["sd"])),
-        "controlnet": sd_convert.ensure_controlnet(cache_root, str(tiny_models["controlnet"])),
+        "sd": sources.ensure_sd15(cache_root, str(tiny_models["sd"])),
+        "controlnet": sources.ensure_controlnet(cache_root, str(tiny_models["controlnet"])),
     }
 
 
 @pytest.fixture(scope="session")
 def whisper_store(models_dir):
-    from pipelines.model_store import WhisperModelStore
+    from pipelines.speech.store import WhisperModelStore
 
     return WhisperModelStore(models_dir)
 
@@ -168,7 +168,7 @@ def speech_clips(tmp_path_factory) -> dict[str, dict]:
 
     Returns name -> {"path", "text", "language", "speech": (start, end) seconds}.
     """
-    from pipelines.audio import load_audio
+    from pipelines.speech.audio import load_audio
 
     folder = tmp_path_factory.mktemp("speech")
     clips = {}

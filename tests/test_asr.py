@@ -7,9 +7,10 @@ import time
 import numpy as np
 import pytest
 
-from pipelines.asr import TranscriptionRefused, WhisperService
-from pipelines.audio import AudioError, load_audio
-from pipelines.types import ModelChoice, TranscribeOptions
+from pipelines.speech.service import TranscriptionRefused, WhisperService
+from pipelines.speech.audio import AudioError, load_audio
+from pipelines.core.types import ModelChoice
+from pipelines.speech.types import TranscribeOptions
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def test_transcript_structure(service, choice, english_clip):
 
 
 def test_language_detection_reports_a_whisper_language(service, choice, english_clip):
-    from pipelines.whisper_models import LANGUAGES
+    from pipelines.speech.catalogue import LANGUAGES
 
     transcript = service.transcribe(load_audio(english_clip), choice, TranscribeOptions())
     assert transcript.language in LANGUAGES  # random weights: any language, but a real code
@@ -196,7 +197,7 @@ def test_too_long_audio_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
     """The length limit holds before decoding (header) and, for streams that state no length, while decoding."""
     from conftest import write_wav
 
-    from pipelines import audio
+    from pipelines.speech import audio
 
     long_wav = tmp_path / "long.wav"
     write_wav(long_wav, np.full(200 * 16000, 0.01, np.float32))  # 3 min 20 s
@@ -227,24 +228,24 @@ def test_decoding_resamples_any_rate_and_format_to_16k_mono(tmp_path, english_cl
 
 def test_each_window_is_conditioned_on_whole_words_of_the_text_before_it(service, choice):
     """The prompt is the end of the text so far, in whole words, within the token limit."""
-    from pipelines.asr import DecodeGuards
+    from pipelines.speech.decoding import DecodeGuards, make_prompt
 
     loaded = service.load(choice)
     earlier = [" ".join(f"word{i}," for i in range(300)), "The last sentence before this window."]
-    prompt = service._prompt(loaded, earlier)
+    prompt = make_prompt(loaded, earlier, service.guards.prompt_tokens)
     assert prompt.text.endswith("The last sentence before this window.")
     assert prompt.text.split()[0] in earlier[0].split()  # starts on a whole word
     assert 200 <= prompt.tokens <= service.guards.prompt_tokens
     ids = loaded.tokenizer.encode(" " + prompt.text, add_special_tokens=False).input_ids
     assert ids.get_shape()[-1] == prompt.tokens
-    assert service._prompt(loaded, []) is None
-    assert WhisperService(service.store, guards=DecodeGuards(prompt_tokens=0))._prompt(loaded, earlier) is None
+    assert make_prompt(loaded, [], service.guards.prompt_tokens) is None
+    assert make_prompt(loaded, earlier, DecodeGuards(prompt_tokens=0).prompt_tokens) is None
 
 
 def test_loading_a_model_loads_the_voice_activity_model_too(whisper_store, choice, monkeypatch):
     """The first transcription (and the first run of an FP16/INT8 compare, whose loads are not timed) does
     not pay for loading the VAD model: it is loaded with the Whisper model."""
-    from pipelines import vad
+    from pipelines.speech import vad
 
     vad._load_vad_model.cache_clear()
     fresh = WhisperService(whisper_store, max_loaded=1)
@@ -273,13 +274,13 @@ def test_loading_a_model_loads_the_voice_activity_model_too(whisper_store, choic
     (None, 60, None),
 ])
 def test_a_length_over_the_limit_never_reads_as_the_limit(seconds, limit, expected):
-    from pipelines.audio import too_long
+    from pipelines.speech.audio import too_long
 
     assert too_long("The audio", seconds, limit) == expected
 
 
 def test_work_slots_take_turns_say_so_while_waiting_and_are_reentrant():
-    from pipelines.slots import WorkSlots
+    from pipelines.core.slots import WorkSlots
 
     slots = WorkSlots(1, "transcription")
     order, messages = [], []
@@ -293,15 +294,20 @@ def test_work_slots_take_turns_say_so_while_waiting_and_are_reentrant():
             order.append("nested")
         other = threading.Thread(target=another_request)
         other.start()
-        deadline = time.monotonic() + 10
-        while not messages:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        time.sleep(0.2)
+        _wait_until(lambda: slots.waiting == 1, other)  # it found the slot busy and waits for it
+        assert order == ["nested"]
         order.append("first done")
     other.join(10)
     assert order == ["nested", "first done", "other"]
     assert messages == ["waiting for the transcription slot of this server"]
+
+
+def _wait_until(condition, thread: threading.Thread, timeout: float = 120.0) -> None:
+    """Wait (polling) until ``condition()`` holds, failing if ``thread`` ends first or it takes too long."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline and thread.is_alive(), "the condition never held"
+        time.sleep(0.02)
 
 
 def test_a_transcription_decodes_only_in_a_work_slot(whisper_store, choice, english_clip):
@@ -313,12 +319,9 @@ def test_a_transcription_decodes_only_in_a_work_slot(whisper_store, choice, engl
         worker = threading.Thread(target=lambda: results.append(service.transcribe(
             audio, choice, TranscribeOptions(language="en"), lambda fraction, message: messages.append(message))))
         worker.start()
-        deadline = time.monotonic() + 120
-        while "waiting for the transcription slot of this server" not in messages:
-            assert time.monotonic() < deadline and worker.is_alive(), messages
-            time.sleep(0.05)
+        _wait_until(lambda: service.slots.waiting == 1, worker)  # ready, and waiting for the slot
+        assert "waiting for the transcription slot of this server" in messages
         assert service.store.resolve(choice.model, "fp16").path.is_dir()  # ready on disk meanwhile
-        time.sleep(0.3)
         assert not results and "find speech" not in messages
     worker.join(120)
     assert len(results) == 1 and results[0].language == "en"

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import cache
-from pipelines.cache import (COMPILED, CURRENT, OTHER_VERSIONS, READY_MARKER, UNFINISHED, UNUSED, AtomicFolderCache,
-                             folder_held, prune_models, scan_models)
+from pipelines.core import cache, layout
+from pipelines.core.cache import READY_MARKER, AtomicFolderCache, folder_held
+from pipelines.core.housekeeping import (COMPILED, CURRENT, OTHER_VERSIONS, UNFINISHED, UNUSED, prune_models,
+                                         scan_models)
 
 ROOT = Path(__file__).resolve().parent.parent
 OLD_VERSIONS = {"openvino": "2026.3.0", "nncf": "3.3.0"}
@@ -50,7 +51,7 @@ def models_folder(tmp_path, monkeypatch):
     killed_scratch.mkdir()
     (killed_scratch / "hf.safetensors").write_bytes(b"0" * 4096)
     _aged(killed_scratch, 1)  # past the grace a new scratch folder gets to take its lock
-    compiled = root / cache.COMPILE_CACHE
+    compiled = layout.ModelsLayout(root).compile_cache
     compiled.mkdir()
     (compiled / "123456.blob").write_bytes(b"0" * 8192)
     return {"root": root, "stale": stale, "stale_sd": stale_sd, "current": current, "killed_build": killed_build,
@@ -148,7 +149,7 @@ def test_list_and_prune_from_the_command_line(models_folder):
 def test_using_a_folder_does_not_change_the_key_of_what_is_made_from_it(tmp_path):
     """A local model folder may be a cache folder (a converted IR used in place); its fingerprint keys the
     INT8 model made from it, so touching its marker on use must not change it, while new weights must."""
-    from pipelines.cache import folder_fingerprint
+    from pipelines.core.cache import folder_fingerprint
 
     folder = _build(tmp_path / "models_cache", "whisper/base/1.0/fp16-ov2026.4.1-bbbb")
     key = folder_fingerprint(folder)

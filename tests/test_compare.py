@@ -22,7 +22,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-from pipelines.cache import IN_USE_FILE
+from pipelines.core.cache import IN_USE_FILE
 from pipelines.services import Services, Settings
 from servers import launched
 
@@ -88,7 +88,7 @@ def svc(compare_root, calibration_dir, tiny) -> Services:
 @pytest.fixture(scope="module")
 def quiet_video(tmp_path_factory) -> Path:
     """Three seconds of a test picture with a silent audio track."""
-    from pipelines.video import ffmpeg_exe
+    from pipelines.subtitles.video import ffmpeg_exe
 
     path = tmp_path_factory.mktemp("quiet") / "quiet.mp4"
     subprocess.run([ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
@@ -99,36 +99,39 @@ def quiet_video(tmp_path_factory) -> Path:
 
 
 # --------------------------------------------------------------------------- the shared pieces
-def test_compare_loads_before_timing_and_runs_each_precision_in_turn():
-    from ui.common import compare_precisions
+def test_compare_loads_before_timing_and_runs_each_precision_in_turn(monkeypatch):
+    from pipelines.core import compare
+    from pipelines.core.compare import compare_precisions
 
+    clock = [100.0]  # the comparison's clock: each step below takes the time it says, exactly
+    monkeypatch.setattr(compare.time, "perf_counter", lambda: clock[0])
     order: list[str] = []
 
     def load(precision, report):
         order.append(f"load {precision}")
         report(0.5, "quantize" if precision == "int8" else "convert")
-        time.sleep(0.3 if precision == "int8" else 0.1)  # slow loads (INT8 quantizes) are not timed
+        clock[0] += 0.3 if precision == "int8" else 0.1  # slow loads (INT8 quantizes) are not timed
 
     def run(precision, report):
         order.append(f"run {precision}")
         report(1.0, "decode")
-        time.sleep(0.05)
+        clock[0] += 0.05 if precision == "fp16" else 0.02
         return precision.upper()
 
     progress = Progress()
     runs = compare_precisions(load, run, lambda f, m: progress(f, m))
     assert order == ["load fp16", "run fp16", "load int8", "run int8"]
     assert [(r.precision, r.value) for r in runs] == [("fp16", "FP16"), ("int8", "INT8")]
-    for r in runs:
-        assert 0.04 < r.seconds < 0.25, r
-    assert runs[1].load_seconds >= 0.3
+    assert [round(r.seconds, 6) for r in runs] == [0.05, 0.02]  # the runs alone
+    assert [round(r.load_seconds, 6) for r in runs] == [0.1, 0.3]
     # the user sees which run a step belongs to, and the bar only moves forward within [0, 1]
     assert progress.calls == [(0.25, "FP16: convert"), (0.5, "FP16: decode"), (0.75, "INT8: quantize"),
                               (1.0, "INT8: decode"), (1.0, "done")]
 
 
 def test_speed_summary_and_agreement_say_what_a_user_compares():
-    from ui.common import PrecisionRun, agreement_text, speed_summary
+    from pipelines.core.compare import PrecisionRun
+    from ui.common import agreement_text, speed_summary
 
     runs = [PrecisionRun("fp16", None, 2.0, 0.0), PrecisionRun("int8", None, 0.5, 9.0)]
     text = speed_summary(runs)
@@ -141,8 +144,8 @@ def test_speed_summary_and_agreement_say_what_a_user_compares():
 
 
 def test_one_helper_builds_every_tabs_whisper_request(tmp_path, tiny):
-    from pipelines.asr import TranscriptionRefused
-    from pipelines.security import ModelReferenceRefused
+    from pipelines.speech.service import TranscriptionRefused
+    from pipelines.core.security import ModelReferenceRefused
     from ui.common import whisper_request
 
     settings = Settings(models_dir=tmp_path, default_model=tiny)
@@ -165,7 +168,7 @@ def test_one_helper_builds_every_tabs_whisper_request(tmp_path, tiny):
 # --------------------------------------------------------------------------- speech
 def test_speech_int8_switch_quantizes_once_says_so_and_uses_the_int8_model(tmp_path, calibration_dir, tiny,
                                                                            english_clip):
-    from pipelines.types import ModelChoice
+    from pipelines.core.types import ModelChoice
     from ui.speech_tab import make_transcribe_handler
 
     services = make_services(tmp_path / "models", calibration_dir)
@@ -240,7 +243,7 @@ def test_subtitles_int8_switch_uses_the_int8_model(svc, tiny, quiet_video, monke
 
 
 def test_subtitles_compare_extracts_the_audio_once_and_times_both(svc, tiny, quiet_video, monkeypatch):
-    from pipelines import video
+    from pipelines.subtitles import video
     from ui.subtitles_tab import make_subtitles_compare_handler
 
     extracted: list[Path] = []
@@ -314,7 +317,7 @@ def test_old_output_folders_go_when_a_new_one_is_made(tmp_path, monkeypatch):
 
 def test_a_long_subtitle_job_keeps_its_folder_through_a_sweep(svc, tiny, quiet_video, monkeypatch, tmp_path):
     """A job longer than the output lifetime: a sweep made by another request meanwhile leaves its folder alone."""
-    from pipelines import subtitle_job
+    from pipelines.subtitles import job as subtitle_job
     from ui import common
     from ui.subtitles_tab import make_subtitles_handler
 

@@ -21,7 +21,9 @@ try:
     from conftest import runtime_layers
 except ImportError:  # tests/ turned into a package
     from tests.conftest import runtime_layers
-from pipelines import cpu_int8, quantize  # noqa: E402
+from pipelines.core import cpu_int8
+from pipelines.image import int8 as quantize  # noqa: E402
+from pipelines.speech import int8 as whisper_int8  # noqa: E402
 
 ov = pytest.importorskip("openvino")
 nncf = pytest.importorskip("nncf")
@@ -73,7 +75,7 @@ def test_which_cpus_saturate_and_which_run_matmuls_as_convolutions():
     assert quantize.sd_ignored_types() == (() if cpu_int8.int8_attention() else ("ScaledDotProductAttention",))
     saturates = cpu_int8.saturating_int8()
     assert quantize.sd_overflow_fix() == ("enable" if saturates else "first_layer_only")  # NNCF's default
-    assert quantize.encoder_overflow_fix() == ("enable" if saturates else "disable")  # optimum-intel's
+    assert whisper_int8.encoder_overflow_fix() == ("enable" if saturates else "disable")  # optimum-intel's
 
 
 def test_int8_on_this_cpu_does_not_saturate():

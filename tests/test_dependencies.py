@@ -20,7 +20,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
-APP_CODE = [ROOT / "app.py", *sorted((ROOT / "pipelines").glob("*.py")), *sorted((ROOT / "ui").glob("*.py"))]
+APP_CODE = [ROOT / "app.py", *sorted((ROOT / "pipelines").rglob("*.py")), *sorted((ROOT / "ui").glob("*.py"))]
 DEV_CODE = [*sorted((ROOT / "tests").glob("*.py")), *sorted((ROOT / "benchmarks").glob("*.py")),
             *sorted((ROOT / "examples").glob("*.py"))]
 LOCAL = {"app", "pipelines", "ui", "tests", "conftest", "image_fixtures", "servers", "machine"} | {
@@ -109,8 +109,8 @@ def test_what_the_app_loads_at_run_time_comes_from_requirements_txt():
     """Import the app and load the models that ship in wheels (VAD); every module loaded must belong to a
     distribution that ``pip install -r requirements.txt`` installs."""
     script = ("import json, sys; import app, ui.common, ui.speech_tab, ui.subtitles_tab, ui.image_tab; "
-              "import pipelines.asr, pipelines.image, pipelines.pose, pipelines.quantize, pipelines.youtube; "
-              "from pipelines import vad; vad.load_vad_model(); "
+              "import pipelines.speech.service, pipelines.image.service, pipelines.image.pose, pipelines.image.int8, pipelines.subtitles.youtube; "
+              "from pipelines.speech import vad; vad.load_vad_model(); "
               "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
     loaded = json.loads(subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, capture_output=True,
                                        text=True, timeout=300).stdout.splitlines()[-1])

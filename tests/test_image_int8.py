@@ -27,10 +27,13 @@ try:
 except ImportError:  # tests/ turned into a package
     from tests import image_fixtures as fx
     from tests.conftest import runtime_layers
-from pipelines import cpu_int8, quantize, sd_convert  # noqa: E402
-from pipelines.cache import READY_MARKER  # noqa: E402
-from pipelines.image import ImageOptions, ImageService, read_png_metadata  # noqa: E402
-from pipelines.quantize import SDCalibration, count_int8  # noqa: E402
+from pipelines.core import cpu_int8  # noqa: E402
+from pipelines.core.cache import READY_MARKER  # noqa: E402
+from pipelines.core.cpu_int8 import count_int8  # noqa: E402
+from pipelines.image import int8 as quantize  # noqa: E402
+from pipelines.image.int8 import SDCalibration  # noqa: E402
+from pipelines.image.request import ImageOptions, read_png_metadata  # noqa: E402
+from pipelines.image.service import ImageService  # noqa: E402
 
 PROMPT = "a dancer on a beach at sunset"
 OPTIONS = ImageOptions(prompt=PROMPT, steps=4, width=256, height=256, seed=7)
@@ -68,7 +71,7 @@ def quantize_calls():
 
 @pytest.fixture(scope="module")
 def pose_image():
-    from pipelines.pose import draw_skeleton, poses_from_detection
+    from pipelines.image.pose import draw_skeleton, poses_from_detection
 
     candidate, subset = fx.known_detection()
     return draw_skeleton(poses_from_detection(candidate, subset, 256, 256), 256, 256)
@@ -238,11 +241,11 @@ def test_second_request_reuses_the_cached_int8(int8_first, cache_root, tiny_mode
 
 
 def test_bad_precision_is_a_clear_error_before_any_work(int8_service, pose_image):
-    with pytest.raises(ValueError, match=r"Unknown precision 'int4'.*fp16, int8"):
+    with pytest.raises(ValueError, match=r"Precision 'int4' is not offered.*fp16, int8"):
         int8_service.generate(OPTIONS, pose_image, precision="int4")
-    with pytest.raises(ValueError, match="Unknown precision"):
+    with pytest.raises(ValueError, match="Precision 'fp32' is not offered"):
         int8_service.get_pipeline(precision="fp32")
-    with pytest.raises(ValueError, match="Unknown precision"):
+    with pytest.raises(ValueError, match="Precision None is not offered"):
         int8_service.model_folders(precision=None)
 
 
@@ -270,11 +273,11 @@ def test_users_own_calibration_prompts_and_poses(tmp_path, monkeypatch):
     service = ImageService(tmp_path / "cache", sd_model="unused", controlnet_model="unused")
     assert service.calibration.poses == poses
     with pytest.raises(ValueError, match="holds no readable images"):
-        sd_convert.ensure_sd_int8(tmp_path / "cache", tmp_path, tmp_path, calibration=service.calibration)
+        quantize.ensure_sd_int8(tmp_path / "cache", tmp_path, tmp_path, calibration=service.calibration)
 
 
 def test_calibration_sources_from_the_environment_and_clear_errors(tmp_path, monkeypatch):
-    from pipelines.pose import looks_like_skeleton
+    from pipelines.image.pose import looks_like_skeleton
 
     shipped = SDCalibration(width=256, height=256).load()
     assert len(shipped.prompts) >= 10 and len(shipped.poses) >= 6

@@ -20,13 +20,13 @@ from PIL import Image
 
 import image_fixtures as fx
 from conftest import normalised_words, word_error_rate, write_wav
-from pipelines.image import read_png_metadata
+from pipelines.image.request import read_png_metadata
 from pipelines.services import Services, Settings
 from servers import launched
 
 PROMPT = "a dancer on a beach at sunset"
 QUIET = dict(progress=lambda *a, **k: None)
-# Smallest allowed size (pipelines.image.MIN_SIZE) and few steps keep the tiny pipeline fast.
+# Smallest allowed size (pipelines.image.request.MIN_SIZE) and few steps keep the tiny pipeline fast.
 FAST = dict(steps=3, guidance_scale=7.5, controlnet_scale=1.0, num_images=1, width=256, height=256,
             scheduler="UniPC")
 GERMAN_WORDS = {"guten", "morgen", "heute", "ist", "das", "wetter", "schön", "und", "sonnig", "wir", "gehen",
@@ -53,7 +53,7 @@ def image_services(models_dir, tiny_refs) -> Services:
 @pytest.fixture(scope="module")
 def skeleton_png(tmp_path_factory) -> Path:
     """A one-person OpenPose skeleton (256 x 256), as /extract_pose makes or a user uploads."""
-    from pipelines.pose import draw_skeleton, poses_from_detection
+    from pipelines.image.pose import draw_skeleton, poses_from_detection
 
     candidate, subset = fx.known_detection()
     path = tmp_path_factory.mktemp("pose") / "skeleton.png"
@@ -166,7 +166,7 @@ def test_extract_pose_errors(image_services):
 
 
 def test_extract_pose_returns_a_skeleton_the_size_of_the_photo(image_services, monkeypatch):
-    from pipelines.pose import PoseService, looks_like_skeleton, poses_from_detection
+    from pipelines.image.pose import PoseService, looks_like_skeleton, poses_from_detection
     from ui.image_tab import make_extract_pose_handler
 
     photo = Image.fromarray(np.random.default_rng(3).integers(0, 255, (240, 180, 3), dtype=np.uint8))
@@ -406,7 +406,7 @@ def test_gradio_client_extract_pose_no_person(client, tmp_path):
 def test_gradio_client_extract_pose_gives_a_lossless_skeleton(client, image_services, tmp_path, monkeypatch):
     from gradio_client import handle_file
 
-    from pipelines.pose import PoseService, poses_from_detection
+    from pipelines.image.pose import PoseService, poses_from_detection
     from ui.image_tab import make_extract_pose_handler
 
     photo_path = tmp_path / "photo.jpg"
@@ -448,7 +448,7 @@ def test_gradio_client_voice_prompt_spanish(client, speech_clips):
 try:
     from test_image_int8 import CALIBRATION as SD_CALIBRATION
 except ImportError:  # pragma: no cover - the same values
-    from pipelines.quantize import SDCalibration
+    from pipelines.image.int8 import SDCalibration
 
     SD_CALIBRATION = SDCalibration(subset_size=4, steps=2, width=256, height=256)
 

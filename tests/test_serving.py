@@ -178,7 +178,7 @@ def test_shared_mode_decides_whether_users_may_name_local_folders(tmp_path, argv
     "a/b/c", "openai/../../etc", "tests/data",  # the last is hub-shaped but a folder here
 ])
 def test_shared_server_refuses_local_paths_as_models(reference):
-    from pipelines.security import ModelReferenceRefused, check_model_reference
+    from pipelines.core.security import ModelReferenceRefused, check_model_reference
 
     with pytest.raises(ModelReferenceRefused, match="shared.*local path.*--allow-local-models"):
         check_model_reference(reference, allow_local=False)
@@ -188,13 +188,13 @@ def test_shared_server_refuses_local_paths_as_models(reference):
 @pytest.mark.parametrize("reference", ["bundled/whisper-base", "openai/whisper-small", " openai/whisper-tiny.en ",
                                        "distil-whisper/distil-large-v3", ""])
 def test_shared_server_accepts_bundled_models_and_hub_ids(reference):
-    from pipelines.security import check_model_reference
+    from pipelines.core.security import check_model_reference
 
     assert check_model_reference(reference, allow_local=False) == reference.strip()
 
 
 def test_the_operators_configured_models_always_pass(tmp_path):
-    from pipelines.security import ModelReferenceRefused
+    from pipelines.core.security import ModelReferenceRefused
     from pipelines.services import Settings
 
     settings = Settings(models_dir=tmp_path, default_model=str(tmp_path), sd_model="/srv/sd15",
@@ -207,7 +207,7 @@ def test_the_operators_configured_models_always_pass(tmp_path):
 
 # =========================================================================== logins
 def test_logins_come_from_flags_files_and_the_environment(tmp_path):
-    from pipelines.security import load_auth
+    from pipelines.core.security import load_auth
 
     logins = tmp_path / "logins"
     logins.write_text("# who may sign in\n\nalice: pass:with:colons\nbob:second\n")
@@ -218,7 +218,7 @@ def test_logins_come_from_flags_files_and_the_environment(tmp_path):
 
 @pytest.mark.parametrize("content", ["alice\n", "alice:\n", ":secret\n", "# only a comment\n"])
 def test_bad_auth_files_fail_without_showing_a_password(tmp_path, content):
-    from pipelines.security import AuthConfigError, load_auth
+    from pipelines.core.security import AuthConfigError, load_auth
 
     logins = tmp_path / "logins"
     logins.write_text("zed:TopSecret1\n" + content if content != "# only a comment\n" else content)
@@ -228,7 +228,7 @@ def test_bad_auth_files_fail_without_showing_a_password(tmp_path, content):
 
 
 def test_missing_auth_file_and_duplicate_users_are_clear_errors(tmp_path):
-    from pipelines.security import AuthConfigError, load_auth
+    from pipelines.core.security import AuthConfigError, load_auth
 
     with pytest.raises(AuthConfigError, match="Cannot read the auth file"):
         load_auth([], tmp_path / "nope", {})
@@ -424,7 +424,7 @@ def test_queue_runs_each_kind_within_its_limit_and_refuses_when_full(tmp_path):
     from gradio_client import Client, handle_file
     from PIL import Image
 
-    from pipelines.types import Segment, Transcript
+    from pipelines.speech.types import Segment, Transcript
 
     clips = [silence_wav(tmp_path / f"clip{i}.wav", 1.0 + 0.25 * i) for i in range(6)]
     pose = tmp_path / "pose.png"
@@ -524,7 +524,7 @@ def test_a_model_being_converted_does_not_hold_up_transcriptions_on_a_ready_one(
     not keep the next visitor, whose model is ready, waiting; the work slot is for decoding only."""
     from gradio_client import Client, handle_file
 
-    from pipelines.model_store import ModelUnavailable
+    from pipelines.speech.store import ModelUnavailable
 
     with running(["--models-dir", str(tmp_path / "models"), "--concurrency", "whisper=1"]) as server:
         store = server.services.whisper.store
@@ -689,6 +689,11 @@ def test_readme_is_a_space_card_that_still_opens_with_the_app_and_its_commands()
     lines = body.lstrip("\n").splitlines()
     assert lines[0] == "# Voice Studio"
     blocks = re.findall(r"```bash\n(.*?)\n```", body, re.S)
-    assert blocks[0].startswith("sudo apt-get update && sudo apt-get install -y python3-venv ffmpeg espeak-ng")
+    # the install line works as a user (with sudo) and as root in a fresh container (no sudo there)
+    prefix, sep, install = blocks[0].partition("; ")
+    assert sep and install.startswith("$SUDO apt-get update && $SUDO apt-get install -y python3-venv ffmpeg espeak-ng")
+    assert "sudo " not in install.replace("$SUDO ", "")
+    said = subprocess.run(["bash", "-c", f'{prefix}; echo "[$SUDO]"'], capture_output=True, text=True, check=True)
+    assert said.stdout.strip() == ("[]" if os.geteuid() == 0 else "[sudo]")
     assert blocks[1] == ".venv/bin/python app.py"
     assert blocks[2] == ". .venv/bin/activate && python -m pytest"

@@ -1,4 +1,4 @@
-"""Transcript -> cues -> SRT/VTT/TXT/JSON (pipelines.subtitles)."""
+"""Transcript -> cues -> SRT/VTT/TXT/JSON (pipelines.subtitles.cues, pipelines.subtitles.formats)."""
 from __future__ import annotations
 
 import json
@@ -6,15 +6,14 @@ import json
 import pysubs2
 import pytest
 
-from pipelines.subtitles import (
+from pipelines.subtitles.cues import (
     Cue,
     CueRules,
     make_cues,
     wrap_text,
-    write_outputs,
-    write_subtitles,
 )
-from pipelines.types import Segment, Transcript, Word
+from pipelines.subtitles.formats import write_outputs, write_subtitles
+from pipelines.speech.types import Segment, Transcript, Word
 
 LONG = (
     "This is a rather long segment of speech, which has to be split into several "

@@ -28,12 +28,13 @@ import soundfile as sf
 from pytubefix import exceptions as px
 
 from conftest import espeak
-from pipelines import vad
-from pipelines import video as video_module
-from pipelines.audio import load_audio
-from pipelines.subtitle_job import SubtitleRequest, make_subtitles
-from pipelines.types import ModelChoice, TranscribeOptions
-from pipelines.video import ffmpeg_exe, probe
+from pipelines.speech import vad
+from pipelines.subtitles import video as video_module
+from pipelines.speech.audio import load_audio
+from pipelines.subtitles.job import SubtitleRequest, make_subtitles
+from pipelines.core.types import ModelChoice
+from pipelines.speech.types import TranscribeOptions
+from pipelines.subtitles.video import ffmpeg_exe, probe
 from servers import launched
 from test_youtube import CANON, VID, Factory, FakeStream, FakeYouTube
 
@@ -315,7 +316,7 @@ def test_silent_video_gives_no_subtitles_and_no_copies(services, tiny_whisper_hf
 
 
 def test_an_uploaded_video_over_the_limit_is_refused_before_its_audio_is_extracted(services, media, tmp_path):
-    from pipelines.subtitle_job import SubtitleInputError
+    from pipelines.subtitles.job import SubtitleInputError
 
     limit = media["seconds"] - 0.3  # just over: the message must not read as the limit itself
     request = SubtitleRequest(choice=BASE, video_path=media["video"], max_seconds=limit)

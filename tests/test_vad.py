@@ -1,4 +1,4 @@
-"""Voice activity detection with Silero (pipelines.vad) and window planning for long audio."""
+"""Voice activity detection with Silero (pipelines.speech.vad) and window planning for long audio."""
 from __future__ import annotations
 
 import shutil
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipelines.vad import (
+from pipelines.speech.vad import (
     SAMPLE_RATE,
     VadError,
     VadOptions,
@@ -68,7 +68,7 @@ def test_speech_found_inside_the_padding(spoken) -> None:
 def test_matches_silero_reference_and_file_streaming(spoken, tmp_path) -> None:
     from silero_vad import get_speech_timestamps_sequence
 
-    from pipelines.vad import load_vad_model
+    from pipelines.speech.vad import load_vad_model
 
     audio, _ = spoken
     model = load_vad_model()
@@ -94,7 +94,7 @@ def test_options_change_the_regions(spoken) -> None:
 def test_importing_silero_keeps_torch_threads() -> None:
     import torch
 
-    from pipelines import vad
+    from pipelines.speech import vad
 
     before = torch.get_num_threads()
     vad._import_silero.cache_clear()
@@ -109,7 +109,7 @@ def test_importing_silero_keeps_torch_threads() -> None:
 def test_two_first_requests_at_once_load_the_model_once(monkeypatch) -> None:
     import threading
 
-    from pipelines import vad
+    from pipelines.speech import vad
 
     calls = []
     real = vad._import_silero.__wrapped__

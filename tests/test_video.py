@@ -1,4 +1,4 @@
-"""ffmpeg / PyAV media work (pipelines.video) on small generated clips."""
+"""ffmpeg / PyAV media work (pipelines.subtitles.video) on small generated clips."""
 from __future__ import annotations
 
 import shutil
@@ -9,7 +9,7 @@ from pathlib import Path
 import av
 import pytest
 
-from pipelines.video import (
+from pipelines.subtitles.video import (
     MediaError,
     burn_subtitles,
     escape_filter_value,
@@ -129,7 +129,7 @@ def test_burn_subtitles_with_awkward_path(media, tmp_path) -> None:
     subs = weird / "sub's: [1], x.srt"
     shutil.copy(media["srt"], subs)
     progress: list[float] = []
-    out = burn_subtitles(media["video"], subs, weird / "burned out.mp4", progress=progress.append)
+    out = burn_subtitles(media["video"], subs, weird / "burned out.mp4", progress=lambda fraction, message: progress.append(fraction))
     info = probe(out)
     assert info.has_video and info.has_audio and info.subtitle_tracks == 0
     assert info.duration == pytest.approx(probe(media["video"]).duration, abs=0.1)
@@ -193,7 +193,7 @@ def test_missing_or_empty_subtitle_file(media, tmp_path) -> None:
 def test_falls_back_to_imageio_ffmpeg(monkeypatch) -> None:
     import imageio_ffmpeg
 
-    from pipelines import video
+    from pipelines.subtitles import video
 
     video.ffmpeg_exe.cache_clear()
     monkeypatch.setattr(video.shutil, "which", lambda name: None)

@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
-from pipelines.asr import Decoded, chunks_from_words
+from pipelines.speech.decoding import Decoded, chunks_from_words
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,9 +54,10 @@ def test_word_timestamps_on_a_random_model_do_not_crash_the_process(tiny_whisper
     """The tiny random model decodes garbage; asking for word timestamps used to kill the process."""
     script = textwrap.dedent(f"""
         import numpy as np
-        from pipelines.asr import WhisperService
-        from pipelines.model_store import WhisperModelStore
-        from pipelines.types import ModelChoice, TranscribeOptions
+        from pipelines.speech.service import WhisperService
+        from pipelines.speech.store import WhisperModelStore
+        from pipelines.core.types import ModelChoice
+        from pipelines.speech.types import TranscribeOptions
 
         service = WhisperService(WhisperModelStore({str(tmp_path)!r}))
         choice = ModelChoice({str(tiny_whisper_ir)!r})

@@ -1,4 +1,4 @@
-"""The pytubefix boundary (pipelines.youtube), with fakes shaped like pytubefix's objects.
+"""The pytubefix boundary (pipelines.subtitles.youtube), with fakes shaped like pytubefix's objects.
 
 The fakes go through the real ``pytubefix.StreamQuery`` and raise the real pytubefix exception
 classes, so stream choice and error mapping are tested against the installed library.
@@ -16,8 +16,8 @@ import pytest
 from pytubefix import StreamQuery
 from pytubefix import exceptions as px
 
-from pipelines import youtube as yt_mod
-from pipelines.youtube import (
+from pipelines.subtitles import youtube as yt_mod
+from pipelines.subtitles.youtube import (
     AgeRestrictedVideo,
     BotDetectedError,
     InvalidYouTubeURL,
@@ -44,7 +44,7 @@ CANON = f"https://www.youtube.com/watch?v={VID}"
 
 
 class FakeStream:
-    """Has the attributes StreamQuery and pipelines.youtube read; download() streams chunks."""
+    """Has the attributes StreamQuery and pipelines.subtitles.youtube read; download() streams chunks."""
 
     def __init__(self, owner: "FakeYouTube", itag: int, mime_type: str, *, abr: Optional[str] = None,
                  resolution: Optional[str] = None, progressive: bool = False, size: int = 5000,
@@ -254,7 +254,7 @@ def test_fetch_info_uses_canonical_url() -> None:
 def test_audio_stream_choice_and_progress(tmp_path: Path) -> None:
     factory = Factory()
     fractions: list[float] = []
-    path = download_audio(CANON, tmp_path / "dl", progress=fractions.append, yt_factory=factory)
+    path = download_audio(CANON, tmp_path / "dl", progress=lambda fraction, message: fractions.append(fraction), yt_factory=factory)
     assert path == tmp_path / "dl" / f"{VID}-audio.m4a"
     assert path.stat().st_size == 7000  # itag 140: mp4 audio, 128 kbps, not the 256 kbps one
     chosen = [s for s in factory.made[0]._streams if s.downloaded_to]
@@ -297,7 +297,7 @@ def test_no_audio_stream(tmp_path: Path) -> None:
 def test_preview_stream_choice(tmp_path: Path, max_height: int, itag: int) -> None:
     factory = Factory()
     fractions: list[float] = []
-    path = download_preview(CANON, tmp_path, max_height=max_height, progress=fractions.append,
+    path = download_preview(CANON, tmp_path, max_height=max_height, progress=lambda fraction, message: fractions.append(fraction),
                             yt_factory=factory)
     chosen = [s for s in factory.made[0]._streams if s.downloaded_to]
     assert [s.itag for s in chosen] == [itag]  # never the adaptive 1080p, never above the limit if avoidable
@@ -407,7 +407,7 @@ def test_unknown_errors_are_not_hidden(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="bug"):
         fetch_info(CANON, yt_factory=Factory(error=ValueError("bug")))
 
-    def failing_progress(fraction: float) -> None:
+    def failing_progress(fraction: float, message: str) -> None:
         if fraction > 0.5:
             raise KeyboardInterrupt  # e.g. the user cancelled
     with pytest.raises(KeyboardInterrupt):

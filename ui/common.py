@@ -1,5 +1,5 @@
-"""Pickers and helpers shared by the tabs: the Whisper request built from the pickers, the FP16 / INT8
-comparison (two timed runs on the same input), and per-request output folders with a bounded life."""
+"""Pickers and helpers shared by the tabs: the Whisper request built from the pickers, errors shown to
+the user, the FP16 / INT8 comparison's summary, and per-request output folders with a bounded life."""
 from __future__ import annotations
 
 import difflib
@@ -11,24 +11,27 @@ import shutil
 import tempfile
 import threading
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import gradio as gr
 
-from pipelines.asr import TranscriptionRefused
-from pipelines.cache import folder_held, folder_in_use
-from pipelines.devices import available_devices, validate_device
-from pipelines.slots import WorkSlots
-from pipelines.types import PRECISIONS, ModelChoice, TranscribeOptions
-from pipelines.whisper_models import CATALOGUE, LANGUAGES, translation_refusal
+from pipelines.core.cache import folder_held, folder_in_use
+from pipelines.core.compare import PrecisionRun
+from pipelines.core.devices import available_devices, validate_device
+from pipelines.core.errors import DiskFull, ModelUnavailable
+from pipelines.core.progress import ProgressFn
+from pipelines.core.types import ModelChoice, check_precision
+from pipelines.speech.catalogue import CATALOGUE, LANGUAGES
+from pipelines.speech.service import refuse_unsupported
+from pipelines.speech.types import TranscribeOptions
+from pipelines.subtitles.video import MediaError
+from pipelines.subtitles.youtube import YouTubeError
 
 log = logging.getLogger(__name__)
 
 AUTO_LANGUAGE = "auto"
-ProgressFn = Callable[[float, str], None]
 
 
 # --------------------------------------------------------------------------- pickers
@@ -82,58 +85,39 @@ def compare_columns(result: Callable[[str], gr.Component], time_label: str = "se
 
 
 # --------------------------------------------------------------------------- request values
-def check_precision(precision: Optional[str]) -> str:
-    """'fp16' or 'int8' (any case; empty means fp16); anything else is a ValueError that says what to give."""
-    value = (precision or "fp16").strip().lower()
-    if value not in PRECISIONS:
-        raise ValueError(f"Precision '{precision}' is not offered; choose one of {', '.join(PRECISIONS)}.")
-    return value
-
-
 def whisper_request(settings, model: Optional[str], precision: Optional[str], device: Optional[str],
                     task: Optional[str] = "transcribe", language: Optional[str] = AUTO_LANGUAGE,
                     **options: Any) -> tuple[ModelChoice, TranscribeOptions]:
     """The model choice and decoding options of one Whisper request, from the pickers' values.
 
     Empty values take the server's defaults; the model passes the shared-mode check
-    (``settings.check_model``), the device and precision are validated. ``options`` are further
-    :class:`TranscribeOptions` fields (timestamps, word_timestamps). Raises ValueError with a message
-    written for the user.
+    (``settings.check_model``), the device and precision are validated, and a task the model cannot
+    do is refused before any model is loaded. ``options`` are further :class:`TranscribeOptions`
+    fields (timestamps, word_timestamps). Raises ValueError with a message written for the user.
     """
     choice = ModelChoice(model=settings.check_model(model or settings.default_model),
-                         precision=check_precision(precision),
+                         precision=check_precision(precision or "fp16"),
                          device=validate_device(device or settings.default_device))
-    task = task or "transcribe"
-    if task not in ("transcribe", "translate"):
-        raise TranscriptionRefused(f"Unknown task '{task}'; use 'transcribe' or 'translate'.")
-    refusal = translation_refusal(choice.model) if task == "translate" else None
-    if refusal:  # before any model is loaded or downloaded
-        raise TranscriptionRefused(refusal)
-    return choice, TranscribeOptions(task=task, language=None if language in (None, "", AUTO_LANGUAGE) else language,
-                                     **options)
+    request = TranscribeOptions(task=task or "transcribe",
+                                language=None if language in (None, "", AUTO_LANGUAGE) else language, **options)
+    refuse_unsupported(choice.model, request)
+    return choice, request
 
 
-def int8_first_use_note(what: str = "model", plural: bool = False) -> str:
-    """The progress line shown before an INT8 model loads: its first use quantizes it, which takes long."""
-    return f"load INT8 {what} (the first INT8 use quantizes {'them' if plural else 'it'}: this can take a few minutes)"
+# --------------------------------------------------------------------------- errors and progress
+#: Errors whose message is written for the user (what is wrong, what to do): shown as they are.
+USER_ERRORS = (ValueError, ModelUnavailable, DiskFull, YouTubeError, MediaError)
 
 
-def announce_whisper_load(whisper, choice: ModelChoice, report: ProgressFn,
-                          options: Optional[TranscribeOptions] = None) -> None:
-    """Tell the user a model is about to load when it is not loaded yet (and that INT8's first use quantizes)."""
-    if not whisper.is_loaded(choice, words=bool(options and options.word_timestamps)):
-        report(0.0, int8_first_use_note(choice.model) if choice.precision == "int8" else f"load {choice.model}")
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the errors the pipelines write for users into a ``gr.Error`` with their message."""
+    try:
+        yield
+    except USER_ERRORS as exc:
+        raise gr.Error(getattr(exc, "user_message", None) or str(exc)) from exc
 
 
-def prepare_whisper(whisper, choice: ModelChoice, report: ProgressFn,
-                    options: Optional[TranscribeOptions] = None) -> None:
-    """Get ``choice`` ready on disk (converting and, for INT8, quantizing on first use), saying so in the
-    progress; before a comparison takes its work slot, so that waiting is not part of its timing."""
-    announce_whisper_load(whisper, choice, report, options)
-    whisper.prepare(choice, report, options)
-
-
-# --------------------------------------------------------------------------- progress and text
 def progress_fn(progress: gr.Progress) -> ProgressFn:
     """Adapt a gr.Progress to the pipelines' (fraction, step) callback."""
     def report(fraction: float, message: str) -> None:
@@ -141,60 +125,7 @@ def progress_fn(progress: gr.Progress) -> ProgressFn:
     return report
 
 
-def part_of(report: ProgressFn, lo: float, hi: float, label: str = "") -> ProgressFn:
-    """A progress callback for one part of a job: 0..1 maps onto lo..hi, messages get ``label: `` first."""
-    def part(fraction: float, message: str) -> None:
-        report(lo + (hi - lo) * max(0.0, min(1.0, float(fraction))), f"{label}: {message}" if label else message)
-    return part
-
-
-# --------------------------------------------------------------------------- FP16 vs INT8
-@dataclass(frozen=True)
-class PrecisionRun:
-    """One side of a comparison: what the run produced and how long it took (loading excluded)."""
-
-    precision: str
-    value: Any
-    seconds: float
-    load_seconds: float
-
-
-#: Share of a compare's progress bar for getting the models ready before the timed runs.
-PREPARE_SHARE = 0.2
-
-
-def compare_precisions(load: Callable[[str, ProgressFn], Any], run: Callable[[str, ProgressFn], Any],
-                       report: ProgressFn, precisions: Sequence[str] = PRECISIONS,
-                       slots: Optional[WorkSlots] = None,
-                       prepare: Optional[Callable[[str, ProgressFn], Any]] = None) -> list[PrecisionRun]:
-    """Run the same work at each precision, one after the other, and time each run.
-
-    With ``prepare``, ``prepare(precision, progress)`` first gets every precision's model ready on
-    disk (download, conversion and, for INT8, quantizing on first use), before any work slot is
-    taken, in the first fifth of the progress bar; the runs fill the rest, so the bar never goes
-    back. For each precision ``load(precision, progress)`` then loads the model (not part of the
-    time) and ``run(precision, progress)`` does the work, timed. One precision at a time, so a
-    server that keeps one model loaded still compares fairly. With ``slots`` one work slot is held
-    over all the runs, so no timing includes waiting for one.
-    """
-    if prepare is not None:
-        share = PREPARE_SHARE / len(precisions)
-        for index, precision in enumerate(precisions):
-            prepare(precision, part_of(report, share * index, share * (index + 1)))
-        report = part_of(report, PREPARE_SHARE, 1.0)
-    runs = []
-    with slots.turn(report) if slots is not None else nullcontext():
-        for index, precision in enumerate(precisions):
-            part = part_of(report, index / len(precisions), (index + 1) / len(precisions), precision.upper())
-            started = time.perf_counter()
-            load(precision, part)
-            loaded = time.perf_counter()
-            value = run(precision, part)
-            runs.append(PrecisionRun(precision, value, time.perf_counter() - loaded, loaded - started))
-    report(1.0, "done")
-    return runs
-
-
+# --------------------------------------------------------------------------- FP16 vs INT8, shown
 def speed_summary(runs: Sequence[PrecisionRun], unit: str = "s", seconds: Optional[Sequence[float]] = None) -> str:
     """'FP16 2.10 s, INT8 1.05 s: INT8 is 2.00x as fast as FP16.' (``seconds`` overrides the runs' times)."""
     times = list(seconds) if seconds is not None else [r.seconds for r in runs]

@@ -2,35 +2,25 @@
 ``/generate_image_compare`` (FP16 vs INT8 image models)."""
 from __future__ import annotations
 
-import math
-import random
 import threading
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
-from pipelines import image as image_pipeline
-from pipelines import sd_convert
-from pipelines.asr import TranscriptionRefused
-from pipelines.audio import AudioError, load_audio
-from pipelines.cache import DiskFull
-from pipelines.devices import validate_device
-from pipelines.model_store import ModelUnavailable
-from pipelines.pose import NoPersonFound
+from pipelines.core.devices import validate_device
+from pipelines.core.types import check_precision
+from pipelines.image.request import GenerationCancelled
 from pipelines.services import Services
-from pipelines.types import TranscribeOptions
-from pipelines.whisper_models import translation_refusal
+from pipelines.speech.audio import AudioError, load_audio
+from pipelines.speech.catalogue import translation_refusal
+from pipelines.speech.types import TranscribeOptions
 
-from .common import (announce_whisper_load, check_precision, compare_columns, compare_precisions,
-                     int8_first_use_note, precision_radio, progress_fn, request_dir, speed_summary, whisper_pickers,
-                     whisper_request)
-
-USER_ERRORS = (AudioError, ModelUnavailable, sd_convert.ModelUnavailable, DiskFull, TranscriptionRefused,
-               NoPersonFound, ValueError)
+from .common import (compare_columns, precision_radio, progress_fn, request_dir, speed_summary, user_errors,
+                     whisper_pickers, whisper_request)
+from .image_request import ARGS_DOC, DEFAULT_NEGATIVE, ImageRequest
 
 
 def readable_image(image: gr.Image) -> gr.Image:
@@ -55,22 +45,6 @@ def readable_image(image: gr.Image) -> gr.Image:
 
     image.preprocess = preprocess
     return image
-
-
-def _whole(value: Any) -> Any:
-    """A whole number as int; anything else (None, 7.5, NaN, text) unchanged, for check_options to report."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return value
-    return int(number) if math.isfinite(number) and number.is_integer() else value
-
-
-def _real(value: Any) -> Any:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return value
 
 
 class CancelRegistry:
@@ -123,11 +97,10 @@ def make_voice_prompt_handler(services: Services):
         if not audio:
             raise gr.Error("No voice prompt was given. Record or upload a short spoken description.")
         report = progress_fn(progress)
-        try:
+        with user_errors():
             choice, options = whisper_request(services.settings, model, precision, device, timestamps=False)
             samples = load_audio(Path(audio), max_seconds=min(VOICE_PROMPT_MAX_SECONDS,
                                                                services.settings.max_audio_seconds))
-            announce_whisper_load(services.whisper, choice, report)
             original = services.whisper.transcribe(samples, choice, options, report)
             if not original.text:
                 raise AudioError("No speech was heard in the recording. Speak a little louder or longer.")
@@ -137,8 +110,6 @@ def make_voice_prompt_handler(services: Services):
                     samples, choice, TranscribeOptions(task="translate", language=original.language,
                                                        timestamps=False), report)
                 prompt = english.text or prompt
-        except USER_ERRORS as exc:
-            raise gr.Error(str(exc)) from exc
         return prompt, original.language or "", original.text
 
     return voice_prompt
@@ -156,38 +127,19 @@ def make_extract_pose_handler(services: Services):
         """
         if photo is None:
             raise gr.Error("No photo was given. Upload a photo of a person, or upload a ready pose skeleton.")
-        try:
-            validate_device(device or services.settings.default_device)
+        with user_errors():
+            device = validate_device(device or services.settings.default_device)
             progress(0.1, desc="load pose model")
             services.pose.model_folder(progress_fn(progress))
             progress(0.6, desc="detect pose")
-            return services.pose.estimate(photo, device=device or services.settings.default_device)
-        except USER_ERRORS as exc:
-            raise gr.Error(str(exc)) from exc
+            return services.pose.estimate(photo, device=device)
 
     return extract_pose
-
-
-def _image_options(prompt, negative_prompt, steps, guidance_scale, seed, controlnet_scale, num_images, width,
-                   height, scheduler) -> image_pipeline.ImageOptions:
-    # No int()/float() here: a cleared number box (None) or 260.5 reaches check_options, which
-    # names the setting and its allowed range, instead of a TypeError reaching the user.
-    return image_pipeline.ImageOptions(
-        prompt=(prompt or "").strip(), negative_prompt=negative_prompt or "", steps=_whole(steps),
-        guidance_scale=_real(guidance_scale), seed=_whole(seed), controlnet_scale=_real(controlnet_scale),
-        num_images=_whole(num_images), width=_whole(width), height=_whole(height), scheduler=scheduler)
 
 
 def _seconds_per_step(result) -> Optional[float]:
     value = (result.extra.get("timings") or {}).get("seconds_per_step")
     return float(value) if value is not None else None
-
-
-def _image_models(services: Services, sd_model: str, controlnet_model: str) -> dict:
-    """The user's model references, checked like Whisper's (a shared server takes no local paths)."""
-    settings = services.settings
-    return dict(sd_ref=settings.check_model(sd_model or "", kind="Stable Diffusion model") or None,
-                controlnet_ref=settings.check_model(controlnet_model or "", kind="ControlNet model") or None)
 
 
 @contextmanager
@@ -197,74 +149,23 @@ def _generation(cancels: CancelRegistry, request: Optional[gr.Request]) -> Itera
     session = getattr(request, "session_hash", None) or "api"
     cancel = cancels.start(session)
     try:
-        yield cancel
-    except image_pipeline.GenerationCancelled as exc:
+        with user_errors():
+            yield cancel
+    except GenerationCancelled as exc:
         raise gr.Error("Generation was cancelled.", title="Cancelled") from exc
-    except USER_ERRORS as exc:
-        raise gr.Error(str(exc)) from exc
     finally:
         cancels.finish(session, cancel)
 
 
-def _announce_image_load(services: Services, refs: dict, device: str, precision: str, report) -> None:
-    """Say that the first INT8 use quantizes the image models (minutes), unless they are loaded already."""
-    key = (refs["sd_ref"] or services.image.sd_model, refs["controlnet_ref"] or services.image.controlnet_model,
-           device.upper(), "int8")
-    if precision == "int8" and key not in services.image.loaded():
-        report(0.0, int8_first_use_note("image models", plural=True))
-
-
-# The image endpoints' parameters, one per line as Gradio reads them (API page, MCP), shared by both.
-IMAGE_ARGS_DOC = """\
-            prompt: English prompt.
-            negative_prompt: what to avoid.
-            pose: the OpenPose skeleton image (from /extract_pose or uploaded).
-            steps: denoising steps (1-100).
-            guidance_scale: classifier-free guidance (1 = none, which halves the work per step).
-            seed: random seed, the same seed gives the same image; -1 picks a random one.
-            controlnet_scale: how strongly the pose guides the image (0-2).
-            num_images: images per request (1-4), seeds seed, seed+1, ...
-            width: image width in pixels, a multiple of 8 from 256 to 1024.
-            height: image height in pixels, a multiple of 8 from 256 to 1024.
-            scheduler: UniPC, Euler a, DPM++ 2M, DDIM, PNDM or LMS.
-            sd_model: Stable Diffusion 1.5 hub id or local folder (empty: the default).
-            controlnet_model: ControlNet OpenPose hub id or local folder (empty: the default).
-            device: OpenVINO device (CPU, GPU, NPU, AUTO; empty: the server's default)."""
-
-
 def make_generate_handler(services: Services, cancels: CancelRegistry):
-    def generate_image(
-        prompt: str,
-        negative_prompt: str,
-        pose,
-        steps: float,
-        guidance_scale: float,
-        seed: float,
-        controlnet_scale: float,
-        num_images: float,
-        width: float,
-        height: float,
-        scheduler: str,
-        sd_model: str,
-        controlnet_model: str,
-        device: str,
-        precision: str = "fp16",
-        request: gr.Request = None,
-        progress: gr.Progress = gr.Progress(),
-    ) -> tuple[list[str], str]:
-        # the docstring (what Gradio documents for the API) is set below, from IMAGE_ARGS_DOC
-        options = _image_options(prompt, negative_prompt, steps, guidance_scale, seed, controlnet_scale, num_images,
-                                 width, height, scheduler)
+    def generate_image(image: ImageRequest, precision: str = "fp16", request: gr.Request = None,
+                       progress: gr.Progress = gr.Progress()) -> tuple[list[str], str]:
         report = progress_fn(progress)
         with _generation(cancels, request) as cancel:
-            precision = check_precision(precision)
-            refs = _image_models(services, sd_model, controlnet_model)
-            dev = validate_device(device or services.settings.default_device)
-            _announce_image_load(services, refs, dev, precision, report)
             result = services.image.generate(
-                options, pose, **refs, device=dev,
-                progress=lambda done, total: report(done / max(total, 1), f"denoising step {done} of {total}"),
-                cancel=cancel, load_progress=report, precision=precision)
+                image.options(), image.pose, **image.models(services.settings), device=image.device_for(
+                    services.settings), progress=report, cancel=cancel, load_progress=report,
+                precision=check_precision(precision or "fp16"))
         paths = result.save(request_dir("image"))
         per_step = _seconds_per_step(result)
         summary = (f"{len(paths)} image(s), seeds {', '.join(map(str, result.seeds))}, "
@@ -274,63 +175,24 @@ def make_generate_handler(services: Services, cancels: CancelRegistry):
             gr.Warning(warning)
         return [str(p) for p in paths], summary
 
-    generate_image.__doc__ = f"""Stable Diffusion 1.5 + ControlNet OpenPose on OpenVINO.
+    return ImageRequest.handler(generate_image, extra=[("precision", "fp16")], doc=f"""Stable Diffusion 1.5 + ControlNet OpenPose on OpenVINO.
 
         Args:
-{IMAGE_ARGS_DOC}
+{ARGS_DOC}
             precision: image models' precision, "fp16" or "int8" (the first INT8 use quantizes them: minutes).
         Returns:
             PNG files (each carries its settings as metadata) and a summary of seeds, precision and time.
-        """
-    return generate_image
+        """)
 
 
 def make_generate_compare_handler(services: Services, cancels: CancelRegistry):
-    def generate_image_compare(
-        prompt: str,
-        negative_prompt: str,
-        pose,
-        steps: float,
-        guidance_scale: float,
-        seed: float,
-        controlnet_scale: float,
-        num_images: float,
-        width: float,
-        height: float,
-        scheduler: str,
-        sd_model: str,
-        controlnet_model: str,
-        device: str,
-        request: gr.Request = None,
-        progress: gr.Progress = gr.Progress(),
-    ) -> tuple[list[str], float, list[str], float, str]:
-        # the docstring is set below, from IMAGE_ARGS_DOC
-        options = _image_options(prompt, negative_prompt, steps, guidance_scale, seed, controlnet_scale, num_images,
-                                 width, height, scheduler)
-        report = progress_fn(progress)
+    def generate_image_compare(image: ImageRequest, request: gr.Request = None, progress: gr.Progress = gr.Progress()
+                               ) -> tuple[list[str], float, list[str], float, str]:
+        options = image.options()
         with _generation(cancels, request) as cancel:
-            refs = _image_models(services, sd_model, controlnet_model)
-            dev = validate_device(device or services.settings.default_device)
-            pose_image = image_pipeline.check_inputs(options, pose)  # fail fast, before any model is loaded
-            if options.seed == -1:  # one random seed, the same for both
-                options = replace(options, seed=random.SystemRandom().randrange(0, image_pipeline.MAX_SEED + 1))
-
-            def prepare(precision: str, part) -> None:  # downloads, conversion, quantizing: no work slot
-                _announce_image_load(services, refs, dev, precision, part)
-                services.image.prepare(refs["sd_ref"], refs["controlnet_ref"], dev, precision, part)
-
-            def load(precision: str, part) -> None:
-                pipeline = services.image.get_pipeline(refs["sd_ref"], refs["controlnet_ref"], dev, part,
-                                                       precision=precision)
-                part(0.0, f"compile the image models for {options.width}x{options.height}")  # not in the timed run
-                pipeline.compile(options.width, options.height, guidance=options.guidance_scale > 1.0)
-
-            def run(precision: str, part):
-                return services.image.generate(
-                    options, pose_image, **refs, device=dev, cancel=cancel, load_progress=part, precision=precision,
-                    progress=lambda done, total: part(done / max(total, 1), f"denoising step {done} of {total}"))
-
-            runs = compare_precisions(load, run, report, slots=services.image.slots, prepare=prepare)
+            runs = services.image.compare(options, image.pose, **image.models(services.settings),
+                                          device=image.device_for(services.settings), cancel=cancel,
+                                          progress=progress_fn(progress))
         folder = request_dir("image-compare")
         paths = {r.precision: [str(p) for p in r.value.save(folder, prefix=r.precision)] for r in runs}
         per_step = [_seconds_per_step(r.value) or r.seconds / max(options.steps * options.num_images, 1)
@@ -341,18 +203,17 @@ def make_generate_compare_handler(services: Services, cancels: CancelRegistry):
             gr.Warning(warning)
         return paths["fp16"], round(per_step[0], 4), paths["int8"], round(per_step[1], 4), summary
 
-    generate_image_compare.__doc__ = f"""The same images from the FP16 and the INT8 image models (same seed), each timed per step.
+    return ImageRequest.handler(generate_image_compare, doc=f"""The same images from the FP16 and the INT8 image models (same seed), each timed per step.
 
         Each pipeline is loaded before its run (the first INT8 use quantizes the models: minutes), so
         the times are generation only. Cancel stops the comparison too. Seed -1 picks one random seed
         for both runs.
 
         Args:
-{IMAGE_ARGS_DOC}
+{ARGS_DOC}
         Returns:
             FP16 images, FP16 seconds per step, INT8 images, INT8 seconds per step, and a summary (ratio, seeds).
-        """
-    return generate_image_compare
+        """)
 
 
 # Still true once the generation has stopped (the box is not rewritten when it has).
@@ -378,78 +239,72 @@ def make_release_handler(services: Services):
 
 
 def build_image_tab(services: Services) -> None:
-    settings = services.settings
     cancels = CancelRegistry()
     with gr.Row():
         with gr.Column():
-            gr.Markdown("**1. Prompt**: speak it in any language, or type it.")
-            voice = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Spoken prompt")
-            whisper_model, whisper_precision, device = whisper_pickers(settings, "Whisper precision")
-            voice_button = gr.Button("Prompt from my voice")
-            with gr.Row():
-                detected = gr.Textbox(label="Detected language", interactive=False)
-                original = gr.Textbox(label="What was said", interactive=False)
-            prompt = gr.Textbox(label="Prompt (English)", lines=2)
-            negative = gr.Textbox(label="Negative prompt", value="lowres, bad anatomy, worst quality, low quality")
-            gr.Markdown("**2. Pose**: extract it from a photo, or upload a ready skeleton.")
-            with gr.Row():
-                photo = readable_image(gr.Image(label="Reference photo", type="pil"))
-                # PNG: Gradio's default WebP is lossy and blurs the limb colours ControlNet OpenPose reads.
-                pose = readable_image(gr.Image(label="Pose skeleton", type="pil", format="png"))
-            pose_button = gr.Button("Extract pose from photo")
+            ui = _prompt_and_pose(services.settings)
         with gr.Column():
-            gr.Markdown("**3. Image**")
-            with gr.Accordion("Settings", open=False):
-                with gr.Row():
-                    steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
-                    guidance = gr.Slider(1, 20, value=7.5, step=0.5, label="Guidance scale")
-                    strength = gr.Slider(0, 2, value=1.0, step=0.05, label="ControlNet strength")
-                with gr.Row():
-                    seed = gr.Number(value=42, precision=0, label="Seed (-1 = random)")
-                    num_images = gr.Slider(1, 4, value=1, step=1, label="Images")
-                    scheduler = gr.Dropdown(list(image_pipeline.SCHEDULER_NAMES), value="UniPC", label="Scheduler")
-                with gr.Row():
-                    width = gr.Slider(256, 1024, value=512, step=8, label="Width")
-                    height = gr.Slider(256, 1024, value=512, step=8, label="Height")
-                # The configured models (Settings), so the UI and API callers that leave these out use them.
-                sd_model = gr.Textbox(value=settings.sd_model, label="Stable Diffusion 1.5 model")
-                controlnet_model = gr.Textbox(value=settings.controlnet_model, label="ControlNet OpenPose model")
-                image_precision = precision_radio(
-                    "Image model precision", info="INT8 models are smaller and 1.2-1.3x faster per step "
-                                                  "(measured); their first use quantizes them (minutes).")
-            with gr.Row():
-                generate_button = gr.Button("Generate", variant="primary")
-                cancel_button = gr.Button("Cancel")
-                # Unloading every model is for whoever runs the server, not for visitors of a shared one.
-                release_button = None if settings.shared else gr.Button("Free memory")
-            gallery = gr.Gallery(label="Images", columns=2, format="png")
-            summary = gr.Textbox(label="Result", interactive=False)
+            ui.update(_image_settings_and_results(services.settings))
     with gr.Accordion("Compare FP16 and INT8: the same settings and seed through both image models, timed",
                       open=False):
         compare_button = gr.Button("Compare FP16 and INT8", elem_id="image-compare")
         compared = compare_columns(lambda name: gr.Gallery(label=name, columns=2, format="png"),
                                    time_label="seconds per step")
         compare_summary = gr.Textbox(label="Comparison", interactive=False)
-    voice_button.click(make_voice_prompt_handler(services), inputs=[voice, whisper_model, device, whisper_precision],
-                       outputs=[prompt, detected, original], api_name="voice_prompt", concurrency_id="whisper")
-    pose_button.click(make_extract_pose_handler(services), inputs=[photo, device], outputs=[pose],
-                      api_name="extract_pose", concurrency_id="pose")
+    ui["voice_button"].click(make_voice_prompt_handler(services),
+                             inputs=[ui["voice"], ui["whisper_model"], ui["device"], ui["whisper_precision"]],
+                             outputs=[ui["prompt"], ui["detected"], ui["original"]], api_name="voice_prompt",
+                             concurrency_id="whisper")
+    ui["pose_button"].click(make_extract_pose_handler(services), inputs=[ui["photo"], ui["device"]],
+                            outputs=[ui["pose"]], api_name="extract_pose", concurrency_id="pose")
     # /generate_image and /generate_image_compare take the same settings; only the first takes a precision.
-    image_settings = [prompt, negative, pose, steps, guidance, seed, strength, num_images, width, height, scheduler,
-                      sd_model, controlnet_model, device]
-    generating = generate_button.click(
-        make_generate_handler(services, cancels),
-        inputs=image_settings + [image_precision],
-        outputs=[gallery, summary], api_name="generate_image", concurrency_id="image")
+    generating = ui["generate_button"].click(
+        make_generate_handler(services, cancels), inputs=ImageRequest.inputs(ui) + [ui["image_precision"]],
+        outputs=[ui["gallery"], ui["summary"]], api_name="generate_image", concurrency_id="image")
     comparing = compare_button.click(
-        make_generate_compare_handler(services, cancels),
-        inputs=image_settings,
-        outputs=compared + [compare_summary],
-        api_name="generate_image_compare", concurrency_id="image")
+        make_generate_compare_handler(services, cancels), inputs=ImageRequest.inputs(ui),
+        outputs=compared + [compare_summary], api_name="generate_image_compare", concurrency_id="image")
     # The handler sets this browser's cancel flags: a generation stops after its current step, one
     # waiting for the image slot gives up; `cancels` drops those still waiting in Gradio's queue.
-    cancel_button.click(make_cancel_handler(cancels), outputs=[summary], api_name="cancel_generation",
-                        concurrency_limit=None, queue=False, cancels=[generating, comparing])
-    if release_button is not None:
-        release_button.click(make_release_handler(services), outputs=[summary], api_name="release_models",
-                             concurrency_limit=None)
+    ui["cancel_button"].click(make_cancel_handler(cancels), outputs=[ui["summary"]], api_name="cancel_generation",
+                              concurrency_limit=None, queue=False, cancels=[generating, comparing])
+    if ui["release_button"] is not None:
+        ui["release_button"].click(make_release_handler(services), outputs=[ui["summary"]],
+                                   api_name="release_models", concurrency_limit=None)
+
+
+def _prompt_and_pose(settings) -> dict:
+    """Steps 1 and 2 of the tab: the prompt (spoken or typed) and the pose (extracted or uploaded)."""
+    gr.Markdown("**1. Prompt**: speak it in any language, or type it.")
+    ui = dict(voice=gr.Audio(sources=["microphone", "upload"], type="filepath", label="Spoken prompt"))
+    ui["whisper_model"], ui["whisper_precision"], ui["device"] = whisper_pickers(settings, "Whisper precision")
+    ui["voice_button"] = gr.Button("Prompt from my voice")
+    with gr.Row():
+        ui.update(detected=gr.Textbox(label="Detected language", interactive=False),
+                  original=gr.Textbox(label="What was said", interactive=False))
+    ui.update(prompt=gr.Textbox(label="Prompt (English)", lines=2),
+              negative_prompt=gr.Textbox(label="Negative prompt", value=DEFAULT_NEGATIVE))
+    gr.Markdown("**2. Pose**: extract it from a photo, or upload a ready skeleton.")
+    with gr.Row():
+        ui["photo"] = readable_image(gr.Image(label="Reference photo", type="pil"))
+        # PNG: Gradio's default WebP is lossy and blurs the limb colours ControlNet OpenPose reads.
+        ui["pose"] = readable_image(gr.Image(label="Pose skeleton", type="pil", format="png"))
+    ui["pose_button"] = gr.Button("Extract pose from photo")
+    return ui
+
+
+def _image_settings_and_results(settings) -> dict:
+    """Step 3 of the tab: the generation settings, the buttons and the gallery."""
+    gr.Markdown("**3. Image**")
+    with gr.Accordion("Settings", open=False):
+        ui = ImageRequest.settings_inputs(settings)
+        ui["image_precision"] = precision_radio(
+            "Image model precision", info="INT8 models are smaller and 1.2-1.3x faster per step "
+                                          "(measured); their first use quantizes them (minutes).")
+    with gr.Row():
+        ui.update(generate_button=gr.Button("Generate", variant="primary"), cancel_button=gr.Button("Cancel"))
+        # Unloading every model is for whoever runs the server, not for visitors of a shared one.
+        ui["release_button"] = None if settings.shared else gr.Button("Free memory")
+    ui.update(gallery=gr.Gallery(label="Images", columns=2, format="png"),
+              summary=gr.Textbox(label="Result", interactive=False))
+    return ui

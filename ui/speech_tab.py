@@ -8,22 +8,17 @@ from typing import Optional
 import gradio as gr
 import numpy as np
 
-from pipelines.asr import TranscriptionRefused
-from pipelines.audio import AudioError, load_audio
-from pipelines.model_store import ModelUnavailable
 from pipelines.services import Services
-from pipelines.subtitles import CueRules, write_outputs
-from pipelines.types import Transcript
+from pipelines.speech.audio import load_audio
+from pipelines.speech.types import Transcript
+from pipelines.subtitles.cues import CueRules
+from pipelines.subtitles.formats import write_outputs
 
-from .common import (agreement_text, announce_whisper_load, compare_columns, compare_precisions,
-                     language_dropdown, prepare_whisper, progress_fn, request_dir, speed_summary, task_radio,
-                     whisper_pickers, whisper_request)
+from .common import (agreement_text, compare_columns, language_dropdown, progress_fn, request_dir, speed_summary,
+                     task_radio, user_errors, whisper_pickers, whisper_request)
 
 log = logging.getLogger(__name__)
 SEGMENT_COLUMNS = ["start", "end", "text"]
-
-# Errors whose message is written for the user: shown as is.
-USER_ERRORS = (AudioError, ModelUnavailable, TranscriptionRefused, ValueError)
 
 
 def segments_table(transcript: Transcript) -> list[list]:
@@ -70,15 +65,12 @@ def make_transcribe_handler(services: Services):
         if not (audio or media_file):
             raise gr.Error("No audio was given. Record with the microphone or upload an audio or video file.")
         report = progress_fn(progress)
-        try:
+        with user_errors():
             choice, options = whisper_request(services.settings, model, precision, device, task, language,
                                               timestamps=bool(timestamps))
             report(0.0, "decode audio")
             source, samples = _samples(services, audio, media_file)
-            announce_whisper_load(services.whisper, choice, report, options)
             transcript = services.whisper.transcribe(samples, choice, options, report)
-        except USER_ERRORS as exc:
-            raise gr.Error(str(exc)) from exc
         out_dir = request_dir("speech")
         files = write_outputs(transcript, out_dir, source.stem or "transcript", CueRules())
         report(1.0, "done")
@@ -118,18 +110,12 @@ def make_transcribe_compare_handler(services: Services):
         if not (audio or media_file):
             raise gr.Error("No audio was given. Record with the microphone or upload an audio or video file.")
         report = progress_fn(progress)
-        try:
-            requests = {p: whisper_request(services.settings, model, p, device, task, language, timestamps=False)
-                        for p in ("fp16", "int8")}
+        with user_errors():
+            choice, options = whisper_request(services.settings, model, "fp16", device, task, language,
+                                              timestamps=False)
             report(0.0, "decode audio")
             _source, samples = _samples(services, audio, media_file)
-            runs = compare_precisions(
-                lambda p, part: services.whisper.load(requests[p][0], part),
-                lambda p, part: services.whisper.transcribe(samples, *requests[p], part),
-                report, slots=services.whisper.slots,
-                prepare=lambda p, part: prepare_whisper(services.whisper, requests[p][0], part, requests[p][1]))
-        except USER_ERRORS as exc:
-            raise gr.Error(str(exc)) from exc
+            runs = services.whisper.compare(samples, choice, options, report)
         fp16, int8 = runs
         summary = f"{speed_summary(runs)} {agreement_text(fp16.value.text, int8.value.text)}"
         return fp16.value.text, round(fp16.seconds, 3), int8.value.text, round(int8.seconds, 3), summary

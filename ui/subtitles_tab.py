@@ -1,30 +1,18 @@
 """Tab 2: Video to subtitles. Endpoints ``/video_info``, ``/subtitles`` and ``/subtitles_compare`` (FP16 vs INT8)."""
 from __future__ import annotations
 
-import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import gradio as gr
 
-from pipelines import subtitle_job, video, youtube
-from pipelines.asr import TranscriptionRefused
-from pipelines.audio import AudioError
-from pipelines.model_store import ModelUnavailable
 from pipelines.services import Services
-from pipelines.subtitles import CueRules, make_cues, write_outputs
+from pipelines.subtitles import job as subtitle_job
+from pipelines.subtitles import youtube
+from pipelines.subtitles.cues import CueRules
 
-from .common import (PrecisionRun, agreement_text, compare_columns, compare_precisions, language_dropdown,
-                     part_of, prepare_whisper, progress_fn, speed_summary, task_radio, whisper_pickers, whisper_request,
-                     working_dir)
-
-USER_ERRORS = (youtube.YouTubeError, video.MediaError, subtitle_job.SubtitleInputError, AudioError,
-               ModelUnavailable, TranscriptionRefused, ValueError)
-
-
-def _message(exc: Exception) -> str:
-    return getattr(exc, "user_message", None) or str(exc)
+from .common import (agreement_text, compare_columns, language_dropdown, progress_fn, speed_summary, task_radio,
+                     user_errors, whisper_pickers, whisper_request, working_dir)
 
 
 def make_info_handler(yt_factory=youtube.YouTube):
@@ -38,37 +26,12 @@ def make_info_handler(yt_factory=youtube.YouTube):
         """
         if not url or not url.strip():
             return "", None
-        try:
+        with user_errors():
             info = youtube.fetch_info(url, yt_factory=yt_factory)
-        except youtube.YouTubeError as exc:
-            raise gr.Error(_message(exc)) from exc
         minutes, seconds = divmod(int(info.length_seconds or 0), 60)
         return f"**{info.title}** by {info.author}, {minutes}:{seconds:02d}", info.thumbnail_url
 
     return video_info
-
-
-class _TimedWhisper:
-    """The Whisper service as :func:`subtitle_job.make_subtitles` sees it: each transcription first loads
-    its model (saying so when INT8 is quantized on first use), then runs timed; the audio file it read is
-    kept, so a comparison's second run reuses the extracted audio instead of fetching the video again."""
-
-    def __init__(self, whisper, label: str = ""):
-        self.whisper, self.label = whisper, label
-        self.run: Optional[PrecisionRun] = None
-        self.wav: Optional[Path] = None
-
-    def transcribe_file(self, wav_path, choice, options, progress):
-        self.wav = Path(wav_path)  # first: the caller deletes it however the run ends
-        report = part_of(progress, 0.0, 1.0, self.label)
-        started = time.perf_counter()
-        prepare_whisper(self.whisper, choice, report, options)
-        with self.whisper.slots.turn(report):  # the timed run never waits for a slot
-            self.whisper.load(choice, report, words=options.word_timestamps)
-            loaded = time.perf_counter()
-            transcript = self.whisper.transcribe_file(wav_path, choice, options, report)
-        self.run = PrecisionRun(choice.precision, transcript, time.perf_counter() - loaded, loaded - started)
-        return transcript
 
 
 def _request(services: Services, url, video_file, model, precision, device, task, language, max_line_chars,
@@ -124,14 +87,11 @@ def make_subtitles_handler(services: Services, yt_factory=youtube.YouTube):
             [srt, vtt, then the burned-in and soft-track videos when asked for].
         """
         report = progress_fn(progress)
-        try:
+        with user_errors():
             request = _request(services, url, video_file, model, precision, device, task, language, max_line_chars,
                                max_duration, burn_in, soft_track)
             with working_dir("subtitles") as out_dir:
-                result = subtitle_job.make_subtitles(_TimedWhisper(services.whisper), request, out_dir, report,
-                                                     yt_factory=yt_factory)
-        except USER_ERRORS as exc:
-            raise gr.Error(_message(exc)) from exc
+                result = subtitle_job.make_subtitles(services.whisper, request, out_dir, report, yt_factory=yt_factory)
         files = [str(result.files[k]) for k in ("srt", "vtt", "burned", "muxed") if k in result.files]
         # Gradio 6's Video takes its subtitles as a property, not as a (video, subtitles) value
         player = (gr.update(value=str(result.video), subtitles=str(result.files["vtt"])) if result.video
@@ -175,33 +135,16 @@ def make_subtitles_compare_handler(services: Services, yt_factory=youtube.YouTub
             texts agree), and files [FP16 srt, FP16 vtt, INT8 srt, INT8 vtt].
         """
         report = progress_fn(progress)
-        first = _TimedWhisper(services.whisper, "FP16")
-        try:
+        with user_errors():
             request = _request(services, url, video_file, model, "fp16", device, task, language, max_line_chars,
                                max_duration)
-            int8_choice = replace(request.choice, precision="int8")
             with working_dir("subtitles-compare") as work_dir:
-                result = subtitle_job.make_subtitles(first, request, work_dir, part_of(report, 0.0, 0.5), yt_factory,
-                                                     keep_audio=True)  # the INT8 run transcribes the same WAV
-                second = compare_precisions(  # a slot of its own: the FP16 run took one inside make_subtitles
-                    lambda p, part: services.whisper.load(int8_choice, part, words=request.options.word_timestamps),
-                    lambda p, part: services.whisper.transcribe_file(first.wav, int8_choice, request.options, part),
-                    part_of(report, 0.5, 1.0), precisions=("int8",), slots=services.whisper.slots,
-                    prepare=lambda p, part: prepare_whisper(services.whisper, int8_choice,
-                                                            part_of(part, 0.0, 1.0, "INT8"), request.options))
-        except USER_ERRORS as exc:
-            raise gr.Error(_message(exc)) from exc
-        finally:
-            if first.wav is not None:
-                first.wav.unlink(missing_ok=True)
-        runs = [first.run, *second]
-        stem = Path(result.files["srt"]).stem
-        fp16_files = [result.files[k].rename(result.files[k].with_name(f"{stem}.fp16.{k}")) for k in ("srt", "vtt")]
-        int8_outputs = write_outputs(second[0].value, work_dir / "int8", f"{stem}.int8", request.rules)
-        int8_cues = make_cues(second[0].value, request.rules)
-        summary = f"{speed_summary(runs)} {agreement_text(runs[0].value.text, runs[1].value.text)}"
-        return (cue_text(result.cues), round(runs[0].seconds, 3), cue_text(int8_cues), round(runs[1].seconds, 3),
-                summary, [str(p) for p in fp16_files] + [str(int8_outputs[k]) for k in ("srt", "vtt")])
+                compared = subtitle_job.compare_subtitles(services.whisper, request, work_dir, report, yt_factory)
+        fp16, int8 = compared.runs
+        summary = f"{speed_summary(compared.runs)} {agreement_text(fp16.value.text, int8.value.text)}"
+        files = [str(compared.files[p][k]) for p in ("fp16", "int8") for k in ("srt", "vtt")]
+        return (cue_text(compared.cues["fp16"]), round(fp16.seconds, 3), cue_text(compared.cues["int8"]),
+                round(int8.seconds, 3), summary, files)
 
     return subtitles_compare
 

@@ -23,7 +23,9 @@ import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
+
+from pipelines.core.progress import ProgressFn
 
 __all__ = [
     "MediaError",
@@ -38,7 +40,6 @@ __all__ = [
 ]
 
 PathLike = Union[str, Path]
-ProgressFn = Callable[[float], None]
 
 _STDERR_TAIL_LINES = 15
 _STDERR_TAIL_CHARS = 1500
@@ -158,7 +159,7 @@ def _run_ffmpeg(args: Sequence[str], out: Path, what: str,
                 for raw in proc.stdout:
                     key, _, value = raw.decode("utf-8", "replace").strip().partition("=")
                     if key in ("out_time_us", "out_time_ms") and duration > 0 and value.isdigit():
-                        progress(min(1.0, int(value) / 1e6 / duration))
+                        progress(min(1.0, int(value) / 1e6 / duration), what)
             code = proc.wait()
         except BaseException:
             proc.kill()
@@ -174,7 +175,7 @@ def _run_ffmpeg(args: Sequence[str], out: Path, what: str,
         raise MediaError(f"{what} failed (ffmpeg exit code {code}).{detail}", tail)
     os.replace(partial, out)
     if progress is not None:
-        progress(1.0)
+        progress(1.0, what)
     return out
 
 
@@ -295,7 +296,7 @@ def burn_subtitles(
         subtitles: An SRT, VTT or ASS file.
         out_path: The video to write (``.mp4``, ``.mov``, ``.m4v`` or ``.mkv``).
         force_style: Optional libass style override, e.g. ``"FontSize=24,Outline=2"``.
-        progress: Called with the fraction done (0.0 to 1.0) while ffmpeg runs.
+        progress: Called with the fraction done (0.0 to 1.0) and what is done, while ffmpeg runs.
 
     Raises:
         MediaError: No video track, unreadable input, ffmpeg without libass, or ffmpeg failed.

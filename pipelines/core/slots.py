@@ -11,7 +11,7 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from .cache import ProgressFn, no_progress
+from pipelines.core.progress import ProgressFn, no_progress
 
 
 class WorkSlots:
@@ -23,6 +23,18 @@ class WorkSlots:
         self.what = what
         self._free = threading.BoundedSemaphore(self.count)
         self._held = threading.local()
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
+
+    @property
+    def waiting(self) -> int:
+        """How many requests wait for a slot now (each found every slot busy and has not got one yet)."""
+        with self._waiting_lock:
+            return self._waiting
+
+    def _count_waiting(self, change: int) -> None:
+        with self._waiting_lock:
+            self._waiting += change
 
     @contextmanager
     def turn(self, progress: ProgressFn = no_progress, fraction: float = 0.0,
@@ -33,8 +45,12 @@ class WorkSlots:
         if depth == 0 and not self._free.acquire(blocking=False):
             slots = f"the {self.what} slot" if self.count == 1 else f"one of the {self.count} {self.what} slots"
             progress(fraction, f"waiting for {slots} of this server")
-            while not self._free.acquire(timeout=0.2):
-                while_waiting()
+            self._count_waiting(+1)
+            try:
+                while not self._free.acquire(timeout=0.2):
+                    while_waiting()
+            finally:
+                self._count_waiting(-1)
         self._held.depth = depth + 1
         try:
             yield

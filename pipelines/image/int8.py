@@ -1,149 +1,30 @@
-"""INT8 with NNCF: calibration audio, post-training quantization of Whisper IR, and SD1.5 INT8 (below).
-
-Whisper INT8 by default compresses only the decoder's weights (``WhisperModelStore._int8_from``).
-The calibrated hybrid below (PTQ encoder with SmoothQuant + INT8-weight decoder, through
-optimum-intel's ``OVQuantizer``) is the ``VOICE_STUDIO_WHISPER_INT8=calibrated`` choice: on this CPU
-its encoder was no faster than the FP16 encoder (bf16 on AMX), and at SmoothQuant 0.8 it cost 1-5 WER
-points ("bicycle" -> "MySQL"); at 0.5 it kept the words (27 errors over four voices against FP16's
-25; benchmarks/README.md, "Whisper"), so 0.5 is used. On an AVX2-only CPU (no VNNI) the PTQ encoder
-was slower than FP16 (0.96 vs 0.85 s per 30 s window), so the default stays weight-only there too.
-
-Calibration audio must exist offline: the user's own folder of recordings
-(``VOICE_STUDIO_CALIBRATION_AUDIO``), else clips spoken by espeak-ng from sentences shipped with
-the app in several languages. NNCF's statistics collection fails on the stateful decoder with this
-OpenVINO CPU plugin ("Memory descriptor may not be modified in StaticMemory object" in
-ReadValueWithSubgraph), so the hybrid's decoder is weight-only.
-"""
+"""Stable Diffusion 1.5 + ControlNet INT8: calibration on the FP16 pipeline's own inputs, NNCF
+post-training quantization of the UNet and ControlNet, and the cached INT8 folder (ensure_sd_int8)."""
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, ContextManager, Optional, Sequence
 
 import numpy as np
 
-from . import cpu_int8
-from .audio import AudioError, load_audio
+from pipelines.core import cpu_int8
+from pipelines.core.cpu_int8 import count_int8
+from pipelines.core.layout import ModelsLayout
+from pipelines.core.progress import ProgressFn, no_progress, scaled
+from pipelines.image.convert import CONTROLNET_IR, PIPELINE_JSON, UNET_IR
+from pipelines.image.pipeline import OVControlNetPipeline
+from pipelines.image.pose import draw_skeleton
+from pipelines.image.request import ImageOptions
 
 log = logging.getLogger(__name__)
-
-ENV_CALIBRATION_AUDIO = "VOICE_STUDIO_CALIBRATION_AUDIO"
-SENTENCES = Path(__file__).parent / "data" / "calibration_sentences.json"
-AUDIO_SUFFIXES = {".wav", ".mp3", ".flac", ".ogg", ".m4a", ".opus", ".webm", ".mp4"}
-ENCODER_SMOOTH_QUANT_ALPHA = 0.5
-CALIBRATION_MAX_NEW_TOKENS = 64
-
-
-class CalibrationUnavailable(RuntimeError):
-    """No calibration audio could be found or made."""
-
-
-def calibration_audio(folder: Optional[Path] = None, limit: int = 32) -> tuple[list[np.ndarray], str]:
-    """Calibration clips (16 kHz mono float32) and a description of where they came from."""
-    folder = calibration_folder(folder)
-    if folder is not None:
-        clips = []
-        for path in sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)[:limit]:
-            try:
-                clips.append(load_audio(path))
-            except AudioError as exc:
-                log.warning("calibration: skipping %s (%s)", path, exc)
-        if not clips:
-            raise CalibrationUnavailable(f"No readable audio files in {folder}.")
-        return clips, f"{len(clips)} recordings from {folder}"
-    return spoken_sentences(limit), "espeak-ng clips of the shipped calibration sentences"
-
-
-def calibration_folder(folder: Optional[Path] = None) -> Optional[Path]:
-    """The folder of calibration recordings: the one given, else ``VOICE_STUDIO_CALIBRATION_AUDIO``, else None."""
-    if folder is not None:
-        return Path(folder)
-    return Path(os.environ[ENV_CALIBRATION_AUDIO]) if os.environ.get(ENV_CALIBRATION_AUDIO) else None
-
-
-def spoken_sentences(limit: int = 32) -> list[np.ndarray]:
-    """The shipped calibration sentences, spoken by espeak-ng (several languages)."""
-    if shutil.which("espeak-ng") is None:
-        raise CalibrationUnavailable("espeak-ng is not installed, and no calibration audio folder was given "
-                                     f"({ENV_CALIBRATION_AUDIO}).")
-    sentences = json.loads(SENTENCES.read_text(encoding="utf-8"))[:limit]
-    clips = []
-    with tempfile.TemporaryDirectory(prefix="whisper-calibration-") as tmp:
-        for index, item in enumerate(sentences):
-            wav = Path(tmp) / f"{index}.wav"
-            try:
-                subprocess.run(["espeak-ng", "-v", item["voice"], "-s", "150", "-w", str(wav), item["text"]],
-                               check=True, capture_output=True, timeout=60)
-                clips.append(load_audio(wav))
-            except (OSError, subprocess.SubprocessError, AudioError) as exc:
-                detail = getattr(exc, "stderr", b"") or b""
-                raise CalibrationUnavailable(
-                    f"espeak-ng could not speak calibration sentence {index} (voice {item['voice']}): "
-                    f"{exc} {detail.decode(errors='replace').strip()}".strip()) from exc
-    return clips
-
-
-class _AudioDataset:
-    """The little of ``datasets.Dataset`` that optimum-intel's speech calibration uses: ``take``."""
-
-    def __init__(self, clips: Sequence[np.ndarray]):
-        self._items = [{"audio": {"array": clip, "sampling_rate": 16000}} for clip in clips]
-
-    def take(self, count: int) -> list[dict]:
-        return self._items[:count]
-
-
-def quantize_whisper(fp16_dir: Path, out_dir: Path, clips: Sequence[np.ndarray]) -> dict:
-    """Write the hybrid INT8 Whisper (PTQ encoder, INT8-weight decoder) of ``fp16_dir`` into ``out_dir``."""
-    from optimum.intel import (OVConfig, OVModelForSpeechSeq2Seq, OVPipelineQuantizationConfig,
-                               OVQuantizationConfig, OVQuantizer, OVWeightQuantizationConfig)
-
-    overflow_fix = encoder_overflow_fix()
-    config = OVPipelineQuantizationConfig(
-        {"encoder": OVQuantizationConfig(smooth_quant_alpha=ENCODER_SMOOTH_QUANT_ALPHA, overflow_fix=overflow_fix),
-         "decoder": OVWeightQuantizationConfig(bits=8, sym=False)},
-        num_samples=len(clips), processor=str(fp16_dir))
-    model = OVModelForSpeechSeq2Seq.from_pretrained(fp16_dir, compile=False)
-    # Calibration needs representative decoder steps, not runaway generations to the 448-token limit.
-    model.generation_config.max_new_tokens = CALIBRATION_MAX_NEW_TOKENS
-    quantizer = OVQuantizer(model)
-    calibration = quantizer.dataset_builder.build_from_dataset(config, _AudioDataset(clips))
-    quantizer.quantize(ov_config=OVConfig(quantization_config=config), calibration_dataset=calibration,
-                       save_directory=out_dir)
-    for tokenizer_file in Path(fp16_dir).glob("openvino_*tokenizer.*"):
-        shutil.copy2(tokenizer_file, Path(out_dir) / tokenizer_file.name)
-    return {"encoder": f"INT8 post-training quantization (SmoothQuant alpha {ENCODER_SMOOTH_QUANT_ALPHA}, "
-                       f"overflow fix {overflow_fix})",
-            "decoder": "INT8 weight-only (asymmetric, per channel)", "calibration_clips": len(clips)}
-
-
-def encoder_overflow_fix() -> str:
-    """NNCF's overflow fix for the calibrated Whisper encoder made on this CPU: ``enable`` where INT8
-    kernels saturate (:mod:`pipelines.cpu_int8`), else optimum-intel's default ``disable``."""
-    return cpu_int8.overflow_fix("disable")
-
-
-def count_int8(xml_path: Path) -> dict[str, int]:
-    """How much of an IR is INT8: FakeQuantize nodes and u8/i8 weight constants."""
-    import openvino as ov
-
-    model = ov.Core().read_model(xml_path)
-    counts = {"fake_quantize": 0, "int8_constants": 0}
-    for op in model.get_ops():
-        kind = op.get_type_name()
-        if kind == "FakeQuantize":
-            counts["fake_quantize"] += 1
-        elif kind == "Constant" and op.get_output_element_type(0).get_type_name() in ("u8", "i8"):
-            counts["int8_constants"] += 1
-    return counts
-
 
 # ================================================================================================
 # Stable Diffusion 1.5 + ControlNet INT8
@@ -332,8 +213,6 @@ def draw_pose_keypoints(people: list, width: int, height: int):
     from controlnet_aux.open_pose import PoseResult
     from controlnet_aux.open_pose.body import BodyResult, Keypoint
 
-    from .pose import draw_skeleton
-
     poses = []
     for person in people:
         keypoints = [Keypoint(x=float(p[0]), y=float(p[1])) if p is not None else None for p in person]
@@ -375,26 +254,19 @@ class _InputRecorder:
         return {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in sample.items()}
 
 
-def gather_sd_calibration(pipeline, data: SDCalibrationSet, settings: SDCalibration,
-                          progress=None) -> dict[str, list[dict]]:
-    """Run the FP16 ``pipeline`` (an :class:`~pipelines.image.OVControlNetPipeline`) on the calibration
-    prompts and poses; return the ControlNet and UNet inputs it saw (``subset_size`` of each)."""
-    from .image import ImageOptions
-
+def gather_sd_calibration(pipeline: OVControlNetPipeline, data: SDCalibrationSet, settings: SDCalibration,
+                          progress: ProgressFn = no_progress) -> dict[str, list[dict]]:
+    """Run the FP16 ``pipeline`` on the calibration prompts and poses; return the ControlNet and UNet
+    inputs it saw (``subset_size`` of each)."""
     recorder = _InputRecorder()
-    runs, total = settings.runs, settings.runs * settings.steps
+    runs = settings.runs
     with pipeline.observe_inputs(recorder):
         for run in range(runs):
             prompt, negative = data.prompts[run % len(data.prompts)]
             options = ImageOptions(prompt=prompt, negative_prompt=negative, steps=settings.steps,
                                    guidance_scale=settings.guidance_scale, seed=run, width=settings.width,
                                    height=settings.height, scheduler="UniPC")
-
-            def step(done: int, _total: int, run=run) -> None:
-                if progress is not None:
-                    progress((run * settings.steps + done) / total,
-                             f"Calibrating: FP16 image {run + 1} of {runs}, step {done} of {settings.steps}")
-
+            step = scaled(progress, run / runs, (run + 1) / runs, f"Calibrating: FP16 image {run + 1} of {runs}")
             pipeline(options, data.poses[run % len(data.poses)], progress=step)
     samples = {}
     for name, items in recorder.samples.items():
@@ -405,7 +277,7 @@ def gather_sd_calibration(pipeline, data: SDCalibrationSet, settings: SDCalibrat
 
 def sd_ignored_types() -> tuple[str, ...]:
     """Node types SD INT8 made on this CPU leaves in FP16: attention, except where the CPU has AMX-INT8
-    and quantized attention is faster (:func:`pipelines.cpu_int8.int8_attention`)."""
+    and quantized attention is faster (:func:`pipelines.core.cpu_int8.int8_attention`)."""
     return () if cpu_int8.int8_attention() else SD_INT8_IGNORED_TYPES
 
 
@@ -420,7 +292,7 @@ def sd_int8_method(ignored_types: Sequence[str]) -> str:
 
 def sd_overflow_fix() -> str:
     """NNCF's overflow fix for SD INT8 made on this CPU: ``enable`` (7-bit weights everywhere) where
-    INT8 kernels saturate (x86 without VNNI, see :mod:`pipelines.cpu_int8`), else NNCF's default
+    INT8 kernels saturate (x86 without VNNI, see :mod:`pipelines.core.cpu_int8`), else NNCF's default
     ``first_layer_only``."""
     return cpu_int8.overflow_fix(NNCF_DEFAULT_OVERFLOW_FIX)
 
@@ -445,7 +317,7 @@ def quantize_sd_model(model, samples: list[dict], overflow_fix: str = NNCF_DEFAU
 
 def quantize_sd_int8(sd_folder: Path, controlnet_folder: Path, out_dir: Path, settings: Optional[SDCalibration] = None,
                      *, data: Optional[SDCalibrationSet] = None, ov_config: Optional[dict] = None,
-                     progress=None) -> dict:
+                     progress: ProgressFn = no_progress) -> dict:
     """Write INT8 ``unet.xml`` and ``controlnet.xml`` for this FP16 SD1.5 + ControlNet pair into ``out_dir``.
 
     Why full post-training quantization and not INT8 weights only: measured on this AMX CPU (full
@@ -461,19 +333,9 @@ def quantize_sd_int8(sd_folder: Path, controlnet_folder: Path, out_dir: Path, se
     the ControlNet and the UNet are quantized one after the other, each freed before the next, to
     keep the peak memory down. Returns the facts recorded in the cache marker.
     """
-    import gc
-    import time
-
-    import openvino as ov
-
-    from .image import OVControlNetPipeline
-    from .sd_convert import CONTROLNET_IR, UNET_IR
-
-    report = progress or (lambda fraction, message: None)
+    report = progress
     settings = settings or SDCalibration.from_env()
     data = data or settings.load()
-    out_dir = Path(out_dir)
-    timings = {}
     started = time.perf_counter()
     report(0.0, f"Calibrating INT8: {settings.runs} FP16 images of {settings.steps} steps")
     pipeline = OVControlNetPipeline.from_folders(sd_folder, controlnet_folder, device="CPU", ov_config=ov_config)
@@ -483,22 +345,16 @@ def quantize_sd_int8(sd_folder: Path, controlnet_folder: Path, out_dir: Path, se
         pipeline.release()
         del pipeline
         gc.collect()
-    timings["gather_s"] = round(time.perf_counter() - started, 1)
-    core = ov.Core()
+    timings = {"gather_s": round(time.perf_counter() - started, 1)}
     overflow_fix, ignored_types = sd_overflow_fix(), sd_ignored_types()
-    counts, used = {}, {name: len(items) for name, items in samples.items()}
+    used = {name: len(items) for name, items in samples.items()}
+    counts = {}
     for index, (name, xml, label) in enumerate((("controlnet", Path(controlnet_folder) / CONTROLNET_IR, "ControlNet"),
                                                 ("unet", Path(sd_folder) / UNET_IR, "UNet"))):
         part_started = time.perf_counter()
         report(0.4 + 0.3 * index, f"Quantizing the {label} to INT8 ({len(samples[name])} calibration samples)")
-        quantized = quantize_sd_model(core.read_model(xml), samples[name], overflow_fix, ignored_types)
-        ov.save_model(quantized, out_dir / xml.name, compress_to_fp16=True)
-        del quantized
-        samples[name] = []
-        gc.collect()
-        counts[name] = count_int8(out_dir / xml.name)
-        if not counts[name]["fake_quantize"]:
-            raise RuntimeError(f"NNCF left the {label} without any INT8 operation; the FP16 model cannot be quantized.")
+        counts[name] = _quantize_one(xml, samples.pop(name), Path(out_dir) / xml.name, label, overflow_fix,
+                                     ignored_types)
         timings[f"{name}_s"] = round(time.perf_counter() - part_started, 1)
     report(1.0, "INT8 models ready")
     return {
@@ -518,3 +374,65 @@ def quantize_sd_int8(sd_folder: Path, controlnet_folder: Path, out_dir: Path, se
         "fp16_models": {"sd": str(sd_folder), "controlnet": str(controlnet_folder)},
         "stays_fp16": ["text_encoder", "vae_decoder"],
     }
+
+
+def _quantize_one(xml: Path, samples: list[dict], out: Path, label: str, overflow_fix: str,
+                  ignored_types: Sequence[str]) -> dict[str, int]:
+    """Quantize one FP16 IR on its calibration samples into ``out`` (the model freed right after);
+    how much of it is INT8."""
+    import openvino as ov
+
+    quantized = quantize_sd_model(ov.Core().read_model(xml), samples, overflow_fix, ignored_types)
+    ov.save_model(quantized, out, compress_to_fp16=True)
+    del quantized, samples
+    gc.collect()
+    counts = count_int8(out)
+    if not counts["fake_quantize"]:
+        raise RuntimeError(f"NNCF left the {label} without any INT8 operation; the FP16 model cannot be quantized.")
+    return counts
+
+
+def ensure_sd_int8(
+    models: "ModelsLayout | Path | str",
+    sd_folder: Path,
+    controlnet_folder: Path,
+    *,
+    calibration: Optional[SDCalibration] = None,
+    ov_config: Optional[dict] = None,
+    progress: ProgressFn = no_progress,
+    quantizing: Callable[[], ContextManager] = nullcontext,
+) -> Path:
+    """Return the folder with the INT8 ``unet.xml`` and ``controlnet.xml`` for FP16 IR folders
+    ``sd_folder`` + ``controlnet_folder`` (made by :func:`ensure_sd15` / :func:`ensure_controlnet`),
+    quantizing once (see :func:`quantize_sd_int8`).
+
+    The UNet and the ControlNet are quantized as a pair because the calibration runs them together
+    (the UNet's inputs include the ControlNet's residuals). ``calibration`` is a
+    :class:`SDCalibration` (default: from the environment). The marker file
+    records the method, the number of calibration samples and where the prompts and poses came from.
+    ``quantizing()`` is a context the quantization runs in, entered only when it has to run (e.g. to
+    free memory for it and keep other work from taking that memory back meanwhile).
+    """
+    settings = calibration or SDCalibration.from_env()
+    data = settings.load()  # cheap (prompts + a few skeleton images); user-data errors surface here
+    sd_folder, controlnet_folder = Path(sd_folder), Path(controlnet_folder)
+    sd_summary = json.loads((sd_folder / PIPELINE_JSON).read_text())
+    cn_summary = json.loads((controlnet_folder / PIPELINE_JSON).read_text())
+    layout = ModelsLayout.of(models)
+    folder = layout.sd_int8(sd_folder, controlnet_folder, data.key)
+
+    def build(tmp: Path) -> dict:
+        with quantizing():
+            facts = quantize_sd_int8(sd_folder, controlnet_folder, tmp, settings, data=data,
+                                     ov_config=ov_config, progress=progress)
+        (tmp / PIPELINE_JSON).write_text(json.dumps({
+            "kind": "sd15_int8", "unet": UNET_IR, "controlnet": CONTROLNET_IR,
+            "sd_folder": sd_folder.name, "controlnet_folder": controlnet_folder.name,
+        }, indent=2))
+        return facts
+
+    return layout.cache.get_or_build(
+        folder, build,
+        description={"kind": "sd15_int8", "precision": "int8", "model": sd_summary.get("model"),
+                     "controlnet": cn_summary.get("model")},
+    )

@@ -77,7 +77,7 @@ def matmuls_as_convolutions(device: str, available: tuple | None = None, flags: 
     ``available``: the devices AUTO may pick from (default: this machine's, ``devices.available_devices``)."""
     flags = cpu_flags() if flags is None else flags
     if available is None:
-        from .devices import available_devices
+        from pipelines.core.devices import available_devices
 
         available = available_devices()
     name = (device or "").split(":")[0].split(".")[0].upper()
@@ -136,3 +136,18 @@ def int8_matmuls_as_convolutions(model) -> int:
     if rewritten:
         model.validate_nodes_and_infer_types()
     return rewritten
+
+
+def count_int8(xml_path: Path) -> dict[str, int]:
+    """How much of an IR is INT8: FakeQuantize nodes and u8/i8 weight constants."""
+    import openvino as ov
+
+    model = ov.Core().read_model(xml_path)
+    counts = {"fake_quantize": 0, "int8_constants": 0}
+    for op in model.get_ops():
+        kind = op.get_type_name()
+        if kind == "FakeQuantize":
+            counts["fake_quantize"] += 1
+        elif kind == "Constant" and op.get_output_element_type(0).get_type_name() in ("u8", "i8"):
+            counts["int8_constants"] += 1
+    return counts

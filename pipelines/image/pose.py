@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .cache import AtomicFolderCache, ProgressFn, no_progress
-from .sd_convert import BODY_POSE_IR, DEFAULT_POSE_MODEL, ensure_body_pose
+from pipelines.core.layout import ModelsLayout
+from pipelines.core.pool import ModelPool
+from pipelines.core.progress import ProgressFn, no_progress
+from pipelines.image.convert import BODY_POSE_IR, DEFAULT_POSE_MODEL
+from pipelines.image.request import uint8_pixels
+from pipelines.image.sources import ensure_body_pose
 
 DETECT_RESOLUTION = 512
+KIND = "pose"  # the model pool's kind
 
 
 class NoPersonFound(ValueError):
@@ -29,17 +34,6 @@ NO_PERSON_MESSAGE = (
     "hips at least (not too small, not cut off, good light), or upload a ready-made OpenPose skeleton "
     "image instead."
 )
-
-
-def uint8_pixels(array: np.ndarray) -> np.ndarray:
-    """Pixel values as uint8: floats in [0, 1] (matplotlib / skimage style) are scaled to 0-255, other
-    values are rounded and clipped to 0-255."""
-    if array.dtype == np.uint8:
-        return array
-    values = np.nan_to_num(array.astype(np.float64))
-    if array.dtype.kind == "f" and values.max(initial=0.0) <= 1.0:
-        values = values * 255.0
-    return np.clip(values, 0, 255).round().astype(np.uint8)
 
 
 def _to_rgb_array(image: Union[Image.Image, np.ndarray, str, Path]) -> np.ndarray:
@@ -119,53 +113,41 @@ def looks_like_skeleton(image: Image.Image) -> bool:
 
 
 class PoseService:
-    """Lazily converts (once, cached) and compiles the OpenPose body network; ``estimate`` draws skeletons."""
+    """Lazily converts (once, cached) and compiles the OpenPose body network; ``estimate`` draws skeletons.
 
-    def __init__(
-        self,
-        cache_root: Path,
-        *,
-        pose_model: str = DEFAULT_POSE_MODEL,
-        device: str = "CPU",
-        ov_config: Optional[dict] = None,
-        local_files_only: bool = False,
-        detect_resolution: int = DETECT_RESOLUTION,
-    ):
-        self.cache_root = Path(cache_root)
+    The compiled network lives in the model pool (kind ``"pose"``), one per device."""
+
+    def __init__(self, models: "ModelsLayout | Path | str", *, pose_model: str = DEFAULT_POSE_MODEL,
+                 device: str = "CPU", ov_config: Optional[dict] = None, local_files_only: bool = False,
+                 detect_resolution: int = DETECT_RESOLUTION, pool: Optional[ModelPool] = None):
+        self.layout = ModelsLayout.of(models)
+        self.cache_root = self.layout.root
         self.pose_model = pose_model
         self.device = device
         self.ov_config = dict(ov_config or {})
         self.local_files_only = local_files_only
         self.detect_resolution = int(detect_resolution)
-        self._cache = AtomicFolderCache(self.cache_root)
-        self._lock = threading.Lock()  # the compiled models
+        self.pool = pool or ModelPool({KIND: 2})
         self._folder_lock = threading.Lock()  # the conversion (and download), which may take minutes
         self._folder: Optional[Path] = None
-        self._compiled: dict[str, Any] = {}
-        self._core = None
 
     def model_folder(self, progress: ProgressFn = no_progress) -> Path:
         with self._folder_lock:
             if self._folder is None:
-                self._folder = ensure_body_pose(
-                    self.cache_root, self.pose_model, local_files_only=self.local_files_only,
-                    progress=progress, cache=self._cache,
-                )
+                self._folder = ensure_body_pose(self.layout, self.pose_model, local_files_only=self.local_files_only,
+                                                progress=progress)
             return self._folder
 
     def compiled(self, device: Optional[str] = None, progress: ProgressFn = no_progress):
         device = device or self.device
         folder = self.model_folder(progress)
-        with self._lock:
-            model = self._compiled.get(device)
-            if model is None:
-                if self._core is None:
-                    import openvino as ov
 
-                    self._core = ov.Core()
-                model = self._core.compile_model(str(folder / BODY_POSE_IR), device, self.ov_config)
-                self._compiled[device] = model
-            return model
+        def load() -> _Compiled:
+            import openvino as ov
+
+            return _Compiled(ov.Core().compile_model(str(folder / BODY_POSE_IR), device, self.ov_config))
+
+        return self.pool.get((KIND, self.pose_model, device), load).model
 
     def detect(self, image, device: Optional[str] = None) -> tuple[list, tuple[int, int]]:
         """Poses found in ``image`` (normalised keypoints) and the detection canvas size (w, h)."""
@@ -194,5 +176,11 @@ class PoseService:
         return draw_skeleton(poses, width, height, size=(rgb.shape[1], rgb.shape[0]))
 
     def release(self) -> None:
-        with self._lock:
-            self._compiled.clear()
+        self.pool.release(KIND)
+
+
+class _Compiled:
+    """A compiled model in the pool (OpenVINO's own objects cannot be weakly referenced)."""
+
+    def __init__(self, model):
+        self.model = model

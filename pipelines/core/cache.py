@@ -8,11 +8,8 @@ build of the same key sweeps away. Builds of one key are serialised across threa
 and across processes (an ``fcntl`` lock file), so a model is converted once even when several
 requests ask for it together.
 
-Housekeeping (``app.py --list-models`` / ``--prune-models``): :func:`scan_models` finds every
-complete folder and says whether this install can still use it (its marker records the converter
-versions that made it, and every folder's name carries them, so a folder made by other versions is
-never picked again after an upgrade), when it was last used, and the leftovers of builds that did
-not finish; :func:`prune_models` removes what can no longer be used.
+Where each kind of model lives under the models folder is :mod:`pipelines.core.layout`'s business;
+what can be pruned is :mod:`pipelines.core.housekeeping`'s.
 """
 from __future__ import annotations
 
@@ -29,7 +26,6 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -40,16 +36,6 @@ log = logging.getLogger(__name__)
 
 # Libraries whose versions change what a conversion produces: part of every cache folder's name.
 CONVERTER_PACKAGES = ("openvino", "openvino-tokenizers", "optimum-intel", "transformers", "nncf", "diffusers")
-
-ProgressFn = Callable[[float, str], None]
-
-
-class DiskFull(OSError):
-    """The disk ran out of space while getting or converting a model; the message says where to free some."""
-
-
-def no_progress(fraction: float, message: str) -> None:  # noqa: ARG001 - a ProgressFn that drops updates
-    pass
 
 
 def converter_versions(packages: Iterable[str] = CONVERTER_PACKAGES) -> dict[str, str]:
@@ -148,6 +134,7 @@ def folder_in_use(folder: Path) -> bool:
 
 
 SCRATCH_PREFIX = ".work-"
+_SCRATCH_GRACE_SECONDS = 60.0  # a scratch folder this young may be about to take its lock
 
 
 @contextmanager
@@ -176,6 +163,36 @@ def sweep_scratch(root: Path) -> list[Path]:
     return removed
 
 
+def mark_used(folder: Path) -> None:
+    """Record that ``folder`` was just used (its marker's modification time), for ``--list-models``
+    and ``--prune-models --unused-days``. A read-only models folder is left as it is."""
+    try:
+        os.utime(Path(folder) / READY_MARKER)
+    except OSError:
+        pass
+
+
+def build_lock(folder: Path) -> Path:
+    """The process lock file :class:`AtomicFolderCache` holds while it builds ``folder``."""
+    return folder.parent / f".{folder.name}.lock"
+
+
+def scratch_in_use(folder: Path) -> bool:
+    """Whether a living process still works in a ``.tmp-<name>-<id>`` build folder (it holds the
+    build lock of <name>) or a ``.work-*`` scratch folder (it holds the folder, or it is too young to
+    have taken its lock yet)."""
+    folder = Path(folder)
+    if folder.name.startswith(BUILD_PREFIX):
+        final = folder.name[len(BUILD_PREFIX):].rpartition("-")[0]
+        return lock_held(build_lock(folder.parent / final))
+    try:
+        if time.time() - folder.stat().st_mtime < _SCRATCH_GRACE_SECONDS:
+            return True
+    except FileNotFoundError:
+        return False
+    return folder_in_use(folder)
+
+
 class AtomicFolderCache:
     """Get-or-build for folders under ``root``, complete or absent, built once."""
 
@@ -202,7 +219,7 @@ class AtomicFolderCache:
     @contextmanager
     def _process_lock(self, folder: Path) -> Iterator[None]:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        with open(folder.parent / f".{folder.name}.lock", "w") as handle:
+        with open(build_lock(folder), "w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -254,158 +271,3 @@ class AtomicFolderCache:
 
     def describe(self, folder: Path) -> dict:
         return json.loads((Path(folder) / READY_MARKER).read_text())
-
-
-# --------------------------------------------------------------------------- housekeeping
-COMPILE_CACHE = "ov_compile_cache"  # OpenVINO's CACHE_DIR under the models folder
-
-CURRENT = "current"
-OTHER_VERSIONS = "other versions"
-UNUSED = "unused"
-UNFINISHED = "unfinished"
-COMPILED = "compile cache"
-#: what :func:`prune_models` removes
-PRUNED_STATES = (OTHER_VERSIONS, UNUSED, UNFINISHED, COMPILED)
-_SCRATCH_PREFIXES = (BUILD_PREFIX, SCRATCH_PREFIX)  # a build's temporary folder, a conversion's scratch folder
-_SCRATCH_GRACE_SECONDS = 60.0  # a scratch folder this young may be about to take its lock
-
-
-def mark_used(folder: Path) -> None:
-    """Record that ``folder`` was just used (its marker's modification time), for ``--list-models``
-    and ``--prune-models --unused-days``. A read-only models folder is left as it is."""
-    try:
-        os.utime(Path(folder) / READY_MARKER)
-    except OSError:
-        pass
-
-
-@dataclass(frozen=True)
-class CachedFolder:
-    """One entry of the models folder, as :func:`scan_models` found it."""
-
-    path: Path
-    state: str  # CURRENT, OTHER_VERSIONS, UNUSED, UNFINISHED or COMPILED
-    size: int  # bytes on disk
-    last_used: float  # seconds since the epoch (the marker's modification time; the folder's for the rest)
-    note: str = ""
-
-
-def disk_usage(path: Path) -> int:
-    """Bytes ``path`` takes on disk (allocated blocks, not apparent sizes; links are not followed)."""
-    total = 0
-    for parent, _, files in os.walk(path):
-        for name in [parent] + [os.path.join(parent, f) for f in files]:
-            try:
-                total += os.lstat(name).st_blocks * 512
-            except OSError:  # removed meanwhile
-                pass
-    return total
-
-
-def _build_lock(folder: Path) -> Path:
-    """The process lock file :class:`AtomicFolderCache` holds while it builds ``folder``."""
-    return folder.parent / f".{folder.name}.lock"
-
-
-def scratch_in_use(folder: Path) -> bool:
-    """Whether a living process still works in a ``.tmp-<name>-<id>`` build folder (it holds the
-    build lock of <name>) or a ``.work-*`` scratch folder (it holds the folder, or it is too young to
-    have taken its lock yet)."""
-    folder = Path(folder)
-    if folder.name.startswith(BUILD_PREFIX):
-        final = folder.name[len(BUILD_PREFIX):].rpartition("-")[0]
-        return lock_held(_build_lock(folder.parent / final))
-    try:
-        if time.time() - folder.stat().st_mtime < _SCRATCH_GRACE_SECONDS:
-            return True
-    except FileNotFoundError:
-        return False
-    return folder_in_use(folder)
-
-
-def _changed_versions(made_by: dict, now: dict) -> str:
-    changed = [f"{name} {made_by.get(name, 'none')}" for name in sorted(set(made_by) | set(now))
-               if made_by.get(name, "none") != now.get(name, "none")]
-    return "made with " + ", ".join(changed)
-
-
-def _describe_folder(folder: Path, current: dict, unused_after: Optional[float]) -> CachedFolder:
-    marker = folder / READY_MARKER
-    last_used = marker.stat().st_mtime
-    try:
-        made_by = json.loads(marker.read_text()).get("converters")
-    except (OSError, ValueError, AttributeError):
-        made_by = None
-    size = disk_usage(folder)
-    if not isinstance(made_by, dict):
-        return CachedFolder(folder, OTHER_VERSIONS, size, last_used, "its marker does not say which versions made it")
-    if made_by != current:
-        return CachedFolder(folder, OTHER_VERSIONS, size, last_used, _changed_versions(made_by, current))
-    if unused_after is not None and last_used < unused_after:
-        return CachedFolder(folder, UNUSED, size, last_used)
-    return CachedFolder(folder, CURRENT, size, last_used)
-
-
-def scan_models(root: Path, unused_days: Optional[float] = None, now: Optional[float] = None) -> list[CachedFolder]:
-    """Every complete model folder under ``root``, OpenVINO's compile cache and the leftovers of
-    builds that did not finish (never those of a build still running), with their state:
-
-    - ``current``: made by the converter versions installed now, so this install may use it;
-    - ``other versions``: made by other versions (before an upgrade): never picked again;
-    - ``unused``: current, but not used for ``unused_days`` (only when ``unused_days`` is given);
-    - ``unfinished``: a ``.tmp-*`` or ``.work-*`` folder no living process works in;
-    - ``compile cache``: OpenVINO's compiled models, rebuilt when a model next loads.
-    """
-    root = Path(root)
-    found: list[CachedFolder] = []
-    if not root.is_dir():
-        return found
-    current = converter_versions()
-    unused_after = None if unused_days is None else (time.time() if now is None else now) - unused_days * 86400.0
-    for parent, dirs, _ in os.walk(root):
-        here = Path(parent)
-        descend = []
-        for name in sorted(dirs):
-            path = here / name
-            if here == root and name == COMPILE_CACHE:
-                found.append(CachedFolder(path, COMPILED, disk_usage(path), path.stat().st_mtime,
-                                          "rebuilt when a model next loads"))
-            elif name.startswith(_SCRATCH_PREFIXES):
-                if not scratch_in_use(path):
-                    found.append(CachedFolder(path, UNFINISHED, disk_usage(path), path.stat().st_mtime,
-                                              "left by a conversion that did not finish"))
-            elif (path / READY_MARKER).is_file():
-                found.append(_describe_folder(path, current, unused_after))
-            else:
-                descend.append(name)  # a folder that groups cache folders (model, revision, ...)
-        dirs[:] = descend
-    return found
-
-
-def prune_models(root: Path, unused_days: Optional[float] = None, now: Optional[float] = None) -> list[CachedFolder]:
-    """Remove what :func:`scan_models` finds in a state of ``PRUNED_STATES`` (and the grouping folders
-    this empties); returns what was removed. Folders this install uses are kept, unless
-    ``unused_days`` is given and they were not used for that long."""
-    root = Path(root)
-    removed = []
-    for entry in scan_models(root, unused_days, now):
-        if entry.state not in PRUNED_STATES:
-            continue
-        if entry.state == UNFINISHED and scratch_in_use(entry.path):  # a build started meanwhile
-            continue
-        shutil.rmtree(entry.path, ignore_errors=True)
-        if entry.path.exists():
-            continue
-        removed.append(entry)
-        if entry.state == OTHER_VERSIONS:  # no build of this install ever takes its lock again
-            lock = _build_lock(entry.path)
-            if lock.is_file() and not lock_held(lock):
-                lock.unlink(missing_ok=True)
-        parent = entry.path.parent
-        while parent != root and root in parent.parents:
-            try:
-                parent.rmdir()  # only when empty
-            except OSError:
-                break
-            parent = parent.parent
-    return removed

@@ -66,7 +66,7 @@ __all__ = [
 PathLike = Union[str, Path]
 Region = tuple[float, float]
 
-#: The only sample rate handled here (what :func:`pipelines.video.extract_audio` writes).
+#: The only sample rate handled here (what :func:`pipelines.subtitles.video.extract_audio` writes).
 SAMPLE_RATE = 16000
 _FRAME = 512  # samples per VAD frame at 16 kHz (32 ms)
 _CONTEXT = 64  # samples of the previous frame the model sees in front of each frame
@@ -292,7 +292,7 @@ def speech_regions_from_file(path: PathLike, options: VadOptions = VadOptions(),
         raise VadError(f"Could not read the audio file '{Path(path).name}' ({exc}).") from exc
     if info.samplerate != SAMPLE_RATE:
         raise VadError(f"Voice activity detection needs 16 kHz audio, but '{Path(path).name}' is "
-                       f"{info.samplerate} Hz; convert it first (pipelines.video.extract_audio).")
+                       f"{info.samplerate} Hz; convert it first (pipelines.subtitles.video.extract_audio).")
     stream = _FrameStream(load_vad_model())
     block = max(_FRAME, int(block_seconds * SAMPLE_RATE))
     parts = []
@@ -351,36 +351,8 @@ def plan_windows(
     regions = list(regions)
     limit = float(total_duration) if total_duration and total_duration > 0 else max(
         (float(e) for _, e in regions), default=0.0)
-    spans = _clean(regions, limit)
     usable = max_window - 2 * pad
-    pieces: list[tuple[float, float]] = []
-    for start, end in spans:
-        count = max(1, math.ceil((end - start) / usable - 1e-9))
-        step = (end - start) / count
-        pieces.extend((start + k * step, end if k == count - 1 else start + (k + 1) * step)
-                      for k in range(count))
-
-    groups: list[list[tuple[float, float]]] = []
-    first = 0
-    while first < len(pieces):
-        # the most pieces that fit in one window without a long silence between them
-        stop = first + 1
-        while (stop < len(pieces) and pieces[stop][0] - pieces[stop - 1][1] <= max_gap
-               and pieces[stop][1] - pieces[first][0] <= usable + 1e-9):
-            stop += 1
-        if stop < len(pieces) and pieces[stop][0] - pieces[stop - 1][1] <= max_gap:
-            # full, and the speech goes on: end at the longest pause in the window's later part
-            best_gap, best_stop = -1.0, stop
-            for cut in range(first + 1, stop + 1):
-                if pieces[cut - 1][1] - pieces[first][0] < min_fill * usable - 1e-9:
-                    continue
-                gap = pieces[cut][0] - pieces[cut - 1][1]
-                if gap >= best_gap - 0.01:  # within 10 ms counts as a tie: keep the window fuller
-                    best_gap, best_stop = max(gap, best_gap), cut
-            stop = best_stop
-        groups.append(pieces[first:stop])
-        first = stop
-
+    groups = _group(_split_long(_clean(regions, limit), usable), usable, max_gap, min_fill)
     bounds = [[max(0.0, g[0][0] - pad), min(limit, g[-1][1] + pad)] for g in groups]
     for k in range(len(bounds) - 1):
         if bounds[k][1] > bounds[k + 1][0]:  # paddings meet: split the silence between them
@@ -391,6 +363,48 @@ def plan_windows(
                speech=tuple((round(s, 3), round(e, 3)) for s, e in g))
         for b, g in zip(bounds, groups)
     ]
+
+
+def _split_long(spans: list[list[float]], usable: float) -> list[tuple[float, float]]:
+    """Regions longer than a window cut into equal pieces that fit."""
+    pieces: list[tuple[float, float]] = []
+    for start, end in spans:
+        count = max(1, math.ceil((end - start) / usable - 1e-9))
+        step = (end - start) / count
+        pieces.extend((start + k * step, end if k == count - 1 else start + (k + 1) * step)
+                      for k in range(count))
+    return pieces
+
+
+def _group(pieces: list[tuple[float, float]], usable: float, max_gap: float,
+           min_fill: float) -> list[list[tuple[float, float]]]:
+    """Consecutive pieces grouped into windows of at most ``usable`` seconds of speech."""
+    groups: list[list[tuple[float, float]]] = []
+    first = 0
+    while first < len(pieces):
+        # the most pieces that fit in one window without a long silence between them
+        stop = first + 1
+        while (stop < len(pieces) and pieces[stop][0] - pieces[stop - 1][1] <= max_gap
+               and pieces[stop][1] - pieces[first][0] <= usable + 1e-9):
+            stop += 1
+        if stop < len(pieces) and pieces[stop][0] - pieces[stop - 1][1] <= max_gap:
+            stop = _longest_pause(pieces, first, stop, min_fill * usable)
+        groups.append(pieces[first:stop])
+        first = stop
+    return groups
+
+
+def _longest_pause(pieces: list[tuple[float, float]], first: int, stop: int, min_speech: float) -> int:
+    """A full window whose speech goes on ends at the longest pause in its later part (after at least
+    ``min_speech`` seconds): the index of the first piece after it."""
+    best_gap, best_stop = -1.0, stop
+    for cut in range(first + 1, stop + 1):
+        if pieces[cut - 1][1] - pieces[first][0] < min_speech - 1e-9:
+            continue
+        gap = pieces[cut][0] - pieces[cut - 1][1]
+        if gap >= best_gap - 0.01:  # within 10 ms counts as a tie: keep the window fuller
+            best_gap, best_stop = max(gap, best_gap), cut
+    return best_stop
 
 
 def iter_window_audio(path: PathLike, windows: Iterable[Window]) -> Iterator[tuple[Window, np.ndarray]]:

@@ -1,12 +1,12 @@
-"""Small frozen values that travel between ui/, pipelines/, tests and API clients."""
+"""What a transcription produces and how it is asked for: values that travel between ui/, the
+speech and subtitles domains, tests and API clients."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
-Precision = Literal["fp16", "int8"]
 Task = Literal["transcribe", "translate"]
-PRECISIONS: tuple[str, ...] = ("fp16", "int8")
+TASKS: tuple[str, ...] = ("transcribe", "translate")
 
 
 @dataclass(frozen=True)
@@ -66,12 +66,3 @@ class TranscribeOptions:
     timestamps: bool = True
     word_timestamps: bool = False
     vad: bool = True  # transcribe only where voice activity detection finds speech
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    """Which model to run and how: a model reference, a precision and an OpenVINO device."""
-
-    model: str
-    precision: str = "fp16"
-    device: str = "CPU"

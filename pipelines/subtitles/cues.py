@@ -1,8 +1,7 @@
-"""Turn a :class:`~pipelines.types.Transcript` into readable subtitle cues and files.
+"""Turn a :class:`~pipelines.speech.types.Transcript` into readable subtitle cues.
 
-Pipeline: ``Transcript`` -> :func:`make_cues` -> ``list[Cue]`` -> :func:`write_subtitles`
-(SRT / WebVTT through **pysubs2**) or :func:`write_outputs` (SRT, VTT, TXT and JSON side by
-side: the downloads the UI offers).
+Pipeline: ``Transcript`` -> :func:`make_cues` -> ``list[Cue]`` -> the files of
+:mod:`pipelines.subtitles.formats` (SRT / WebVTT through **pysubs2**, TXT, JSON).
 
 How cues are made (see :class:`CueRules` for the limits):
 
@@ -23,32 +22,23 @@ How cues are made (see :class:`CueRules` for the limits):
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
-import pysubs2
-
-from pipelines.types import Segment, Transcript
+from pipelines.speech.types import Segment, Transcript
 
 __all__ = [
     "CueRules",
     "Cue",
-    "SUBTITLE_FORMATS",
     "make_cues",
     "wrap_text",
-    "write_subtitles",
-    "write_outputs",
 ]
 
 PathLike = Union[str, Path]
-
-#: Formats :func:`write_subtitles` writes (pysubs2 format identifiers).
-SUBTITLE_FORMATS: tuple[str, ...] = ("srt", "vtt")
 
 # Shortest time a cue is ever shown for when cues have to be pushed apart (ms).
 _MIN_VISIBLE_MS = 100
@@ -186,54 +176,64 @@ def _share_time(items: Sequence[tuple[str, str]], start: float, end: float) -> l
 
 
 def _segment_tokens(segment: Segment, max_line_chars: int) -> list[_Token]:
-    """Tokens of one segment, timed by its words when it has them, else by character share."""
+    """Tokens of one segment, timed by its words when it has them, else by character share; tokens
+    longer than a line cut into pieces, punctuation-only tokens glued to a neighbour."""
     seg_start = max(0.0, float(segment.start))
     seg_end = max(seg_start, float(segment.end))
     words = [w for w in segment.words if w.text and w.text.strip()]
-    raw: list[_Token] = []
     if words:
-        # Whisper-style words carry their leading space (" Hello"); some producers drop it, and
-        # unspaced scripts (Chinese, Japanese, Thai) have none between words at all.
-        keep_spacing = any(w.text[:1].isspace() for w in words)
-        spaced_text = bool(re.search(r"\s", segment.text.strip())) or not segment.text.strip()
-        last = seg_start
-        for w in words:
-            w_start = max(float(w.start), last)
-            w_end = max(float(w.end), w_start)
-            if seg_end > seg_start:  # keep words inside their segment
-                w_start, w_end = min(w_start, seg_end), min(w_end, seg_end)
-            last = w_start
-            if keep_spacing:
-                sep = " " if w.text[:1].isspace() else ""
-            else:
-                sep = " " if spaced_text else ""
-            raw.append(_Token(w.text.strip(), sep, w_start, w_end))
+        raw = _word_tokens(segment, words, seg_start, seg_end)
     else:
         parts = segment.text.split()
         if not parts:
             return []
         raw = _share_time([(" ", p) for p in parts], seg_start, seg_end)
+    return _glue_punctuation(_cut_long(raw, max_line_chars), max_line_chars)
 
-    # Cut tokens longer than a line (unspaced scripts, URLs) into timed pieces.
+
+def _word_tokens(segment: Segment, words: list, seg_start: float, seg_end: float) -> list[_Token]:
+    """One token per timed word, kept in order and inside its segment."""
+    # Whisper-style words carry their leading space (" Hello"); some producers drop it, and
+    # unspaced scripts (Chinese, Japanese, Thai) have none between words at all.
+    keep_spacing = any(w.text[:1].isspace() for w in words)
+    spaced_text = bool(re.search(r"\s", segment.text.strip())) or not segment.text.strip()
+    tokens = []
+    last = seg_start
+    for w in words:
+        w_start = max(float(w.start), last)
+        w_end = max(float(w.end), w_start)
+        if seg_end > seg_start:  # keep words inside their segment
+            w_start, w_end = min(w_start, seg_end), min(w_end, seg_end)
+        last = w_start
+        if keep_spacing:
+            sep = " " if w.text[:1].isspace() else ""
+        else:
+            sep = " " if spaced_text else ""
+        tokens.append(_Token(w.text.strip(), sep, w_start, w_end))
+    return tokens
+
+
+def _cut_long(tokens: list[_Token], max_line_chars: int) -> list[_Token]:
+    """Cut tokens longer than a line (unspaced scripts, URLs) into timed pieces."""
     sized: list[_Token] = []
-    for tok in raw:
+    for tok in tokens:
         if _width(tok.text) <= max_line_chars:
             sized.append(tok)
             continue
         pieces = _split_long_text(tok.text, max_line_chars)
-        timed = _share_time([(tok.sep if i == 0 else "", p) for i, p in enumerate(pieces)],
-                            tok.start, tok.end)
-        sized.extend(timed)
+        sized.extend(_share_time([(tok.sep if i == 0 else "", p) for i, p in enumerate(pieces)], tok.start, tok.end))
+    return sized
 
-    # Glue punctuation-only tokens ("-", "…", "?") to the previous token (or the next one).
+
+def _glue_punctuation(tokens: list[_Token], max_line_chars: int) -> list[_Token]:
+    """Glue punctuation-only tokens ("-", "…", "?") to the previous token (or the next one)."""
     merged: list[_Token] = []
     pending: Optional[_Token] = None
-    for tok in sized:
+    for tok in tokens:
         if _is_wordless(tok.text):
             if merged and _width(merged[-1].text + tok.sep + tok.text) <= max_line_chars:
                 prev = merged[-1]
-                merged[-1] = _Token(prev.text + tok.sep + tok.text, prev.sep, prev.start,
-                                    max(prev.end, tok.end))
+                merged[-1] = _Token(prev.text + tok.sep + tok.text, prev.sep, prev.start, max(prev.end, tok.end))
                 continue
             if not merged:
                 pending = tok if pending is None else _Token(
@@ -412,91 +412,3 @@ def make_cues(transcript: Transcript, rules: CueRules = CueRules()) -> list[Cue]
             raw.append((int(round(start * 1000)), int(round(end * 1000)), text))
     limit = int(math.floor(transcript.duration * 1000 + 1e-6)) if transcript.duration > 0 else None
     return _fix_times(raw, rules, limit)
-
-
-# --------------------------------------------------------------------------- files
-
-
-def _escape_vtt(text: str) -> str:
-    """Escape the characters WebVTT cue text reserves (&, <, >)."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def write_subtitles(cues: Iterable[Cue], path: PathLike, fmt: str) -> Path:
-    """Write cues as a subtitle file with pysubs2.
-
-    Args:
-        cues: Cues from :func:`make_cues`.
-        path: Where to write (parent folders are created).
-        fmt: ``"srt"`` or ``"vtt"`` (WebVTT; pysubs2 writes the ``WEBVTT`` header).
-
-    Returns:
-        The written path.
-
-    Raises:
-        ValueError: For an unknown format.
-    """
-    fmt = fmt.lower().lstrip(".")
-    if fmt not in SUBTITLE_FORMATS:
-        raise ValueError(f"Unknown subtitle format {fmt!r}; choose one of {', '.join(SUBTITLE_FORMATS)}.")
-    subs = pysubs2.SSAFile()
-    for cue in cues:
-        text = _escape_vtt(cue.text) if fmt == "vtt" else cue.text
-        event = pysubs2.SSAEvent(start=int(round(cue.start * 1000)), end=int(round(cue.end * 1000)))
-        event.plaintext = text  # "\n" -> "\N"; written back as real line breaks
-        subs.append(event)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # keep_ssa_tags: text like "{laughs}" is not a style override and must not be dropped.
-    subs.save(str(out), encoding="utf-8", format_=fmt, keep_ssa_tags=True)
-    return out
-
-
-def _safe_stem(stem: str) -> str:
-    cleaned = re.sub(r"[^\w.-]+", "_", stem, flags=re.UNICODE).strip("._")
-    return cleaned[:100] or "transcript"
-
-
-def transcript_plain_text(transcript: Transcript) -> str:
-    """Plain text: one segment per line (the transcript's text when it has no segments)."""
-    lines = [" ".join(s.text.split()) for s in transcript.segments]
-    lines = [line for line in lines if line]
-    if not lines and transcript.text.strip():
-        lines = [transcript.text.strip()]
-    return "\n".join(lines) + ("\n" if lines else "")
-
-
-def write_outputs(
-    transcript: Transcript,
-    out_dir: PathLike,
-    stem: str,
-    rules: CueRules = CueRules(),
-) -> dict[str, Path]:
-    """Write the downloads for one transcript: SRT, VTT, TXT and JSON.
-
-    The JSON is ``transcript.to_dict()`` with an extra ``"cues"`` list, so
-    ``Transcript.from_dict`` reads it back.
-
-    Args:
-        transcript: What to write.
-        out_dir: Folder for the files (created if missing).
-        stem: File name without extension (unsafe characters are replaced).
-        rules: Cue rules for the subtitle files.
-
-    Returns:
-        ``{"srt": path, "vtt": path, "txt": path, "json": path}``.
-    """
-    folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    name = _safe_stem(stem)
-    cues = make_cues(transcript, rules)
-    paths = {fmt: write_subtitles(cues, folder / f"{name}.{fmt}", fmt) for fmt in SUBTITLE_FORMATS}
-    txt = folder / f"{name}.txt"
-    txt.write_text(transcript_plain_text(transcript), encoding="utf-8")
-    paths["txt"] = txt
-    data = transcript.to_dict()
-    data["cues"] = [c.to_dict() for c in cues]
-    js = folder / f"{name}.json"
-    js.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
-    paths["json"] = js
-    return paths
