@@ -85,6 +85,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[s
     args = parser.parse_args(argv)
     if args.unused_days is not None and not (args.list_models or args.prune_models):
         parser.error("--unused-days goes with --list-models or --prune-models")
+    if args.prepare_int8 and args.prepare is None:
+        parser.error("--prepare-int8 goes with --prepare")
     try:  # VOICE_STUDIO_CONCURRENCY first, so that flags win
         from_env = [_concurrency_pair(p) for p in (environ.get(f"{ENV_PREFIX}CONCURRENCY") or "").split(",")
                     if p.strip()]
@@ -167,6 +169,14 @@ def _model_flags(group, environ: Mapping[str, str], data_dir: Path) -> None:
 
 
 def _housekeeping_flags(group) -> None:
+    group.add_argument("--prepare", nargs="*", metavar="MODEL",
+                       help="convert these models into the models folder now, so that no request waits for "
+                            "it, then exit: Whisper models (listed ids, Hugging Face ids, local folders), "
+                            "'image' (Stable Diffusion + ControlNet) and 'pose' (OpenPose); none: the default "
+                            "Whisper model (--model)")
+    group.add_argument("--prepare-int8", action="store_true",
+                       help="with --prepare: also quantize each model to INT8, as its first INT8 use would "
+                            "(for 'image': calibration, minutes and several GB)")
     group.add_argument("--list-models", action="store_true",
                        help="list the models folder: each converted model with its size, when it was last "
                             "used and whether this install can still use it")
@@ -409,6 +419,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     if args.list_models or args.prune_models:
         models_housekeeping(args)
+        return
+    if args.prepare is not None:
+        from pipelines.prepare import prepare_models
+
+        failed = [r for r in prepare_models(make_services(args), args.prepare, args.prepare_int8) if not r.ok]
+        if failed:
+            raise SystemExit(f"app.py: error: could not prepare {', '.join(f'{r.name} {r.precision}' for r in failed)}"
+                             " (see above)")
         return
     try:
         serve(args)

@@ -18,7 +18,7 @@ from pipelines.image.convert import DEFAULT_CONTROLNET, DEFAULT_POSE_MODEL, DEFA
 from pipelines.image.pose import PoseService
 from pipelines.image.service import ImageService
 from pipelines.speech import service as speech_service
-from pipelines.speech.catalogue import DEFAULT_MODEL
+from pipelines.speech.catalogue import DEFAULT_MODEL, HUB_EXAMPLE
 from pipelines.speech.service import WhisperService
 from pipelines.speech.store import WhisperModelStore
 
@@ -35,6 +35,10 @@ DEFAULT_QUEUE_SIZE = 64
 IMAGE_PIPELINES_LOADED = 1
 POSE_MODELS_LOADED = 2
 SLOT_NAMES = {speech_service.KIND: "transcription", image_service.KIND: "image generation"}
+#: The kinds of model users name (as ``Settings.check_model`` calls them) and a Hugging Face id of
+#: each kind, which a refusal suggests instead of a local path.
+MODEL_ID_EXAMPLES = {"Whisper model": HUB_EXAMPLE, "Stable Diffusion model": DEFAULT_SD_MODEL,
+                     "ControlNet model": DEFAULT_CONTROLNET}
 
 
 @dataclass
@@ -62,10 +66,11 @@ class Settings:
         """A user-given model reference, stripped; refused (ValueError) when this server does not take it.
 
         The configured models (``default_model``, ``sd_model``, ``controlnet_model`` and ``trusted``)
-        always pass; local paths pass only when ``allow_local_models``.
+        always pass; local paths pass only when ``allow_local_models``. ``kind`` (a key of
+        ``MODEL_ID_EXAMPLES``) decides the Hugging Face id the refusal suggests.
         """
         return check_model_reference(
-            reference, allow_local=self.allow_local_models, kind=kind,
+            reference, allow_local=self.allow_local_models, kind=kind, example=MODEL_ID_EXAMPLES.get(kind),
             trusted=(self.default_model, self.sd_model, self.controlnet_model, *trusted))
 
 

@@ -197,3 +197,38 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
     import jiwer
 
     return jiwer.wer(normalised_words(reference), normalised_words(hypothesis))
+
+
+VTT_TIME = r"(?:\d{2,}:)?\d{2}:\d{2}\.\d{3}"
+
+
+def vtt_seconds(stamp: str) -> float:
+    """Seconds of a WebVTT timestamp ``[hh:]mm:ss.ttt``."""
+    *hours, minutes, seconds = stamp.split(":")
+    return int(hours[0]) * 3600 + int(minutes) * 60 + float(seconds) if hours else int(minutes) * 60 + float(seconds)
+
+
+def parse_webvtt(path: Path) -> list[dict]:
+    """A WebVTT file's cues as the WebVTT spec reads them (blocks separated by blank lines, the timing
+    line holds "-->"): {"start", "end", "payload" (as written), "tags" (the seconds of each cue
+    timestamp tag <..> in the payload), "text" (the payload without tags, unescaped)}.
+
+    Written here because pysubs2's reader takes a text line holding exactly two timestamps for the
+    timing line of a new cue, so it cannot read word-timed cues back."""
+    import html
+    import re
+
+    text = Path(path).read_text(encoding="utf-8").replace("\r\n", "\n")
+    assert text.startswith("WEBVTT"), text[:40]
+    cues = []
+    for block in re.split(r"\n{2,}", text.strip())[1:]:
+        lines = block.split("\n")
+        timing = next((i for i, line in enumerate(lines) if "-->" in line), None)
+        if timing is None:  # NOTE, STYLE and REGION blocks
+            continue
+        start, end = (vtt_seconds(part.split()[0]) for part in lines[timing].split("-->"))
+        payload = "\n".join(lines[timing + 1:])
+        cues.append({"start": start, "end": end, "payload": payload,
+                     "tags": [vtt_seconds(t) for t in re.findall(rf"<({VTT_TIME})>", payload)],
+                     "text": html.unescape(re.sub(r"<[^>]*>", "", payload))})
+    return cues

@@ -28,6 +28,10 @@ SD15_SCHEDULER_CONFIG = {
 }
 
 
+#: Attention heads of the tiny UNet and ControlNet (see :func:`tiny_unet_config`).
+ATTENTION_HEADS = 2
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte -> printable unicode table (same as open_clip's tokenizer)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -85,7 +89,7 @@ def _randomize_zeros(module, generator, std: float = 0.05) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
-def build_tiny_sd15(folder: Path, seed: int = 0) -> Path:
+def build_tiny_sd15(folder: Path, seed: int = 0, heads: int = ATTENTION_HEADS) -> Path:
     """A miniature SD1.5 diffusers folder: unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -95,7 +99,7 @@ def build_tiny_sd15(folder: Path, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**tiny_unet_config())
+    unet = UNet2DConditionModel(**tiny_unet_config(heads))
     _randomize_zeros(unet, generator)
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     torch.manual_seed(seed)
@@ -150,8 +154,11 @@ def build_tiny_sd15(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def tiny_unet_config() -> dict:
-    """SD1.5's UNet layout (3 cross-attention levels + 1 plain, 2 layers each) with tiny widths."""
+def tiny_unet_config(heads: int = ATTENTION_HEADS) -> dict:
+    """SD1.5's UNet layout (3 cross-attention levels + 1 plain, 2 layers each) with tiny widths.
+
+    ``heads``: attention heads per transformer block (diffusers' ``attention_head_dim`` is really the
+    number of heads), so each head is channels / heads wide."""
     return dict(
         block_out_channels=(8, 8, 16, 16),
         layers_per_block=2,
@@ -161,12 +168,12 @@ def tiny_unet_config() -> dict:
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
-        attention_head_dim=2,
+        attention_head_dim=heads,
         norm_num_groups=4,
     )
 
 
-def build_tiny_controlnet(folder: Path, seed: int = 1) -> Path:
+def build_tiny_controlnet(folder: Path, seed: int = 1, heads: int = ATTENTION_HEADS) -> Path:
     """A miniature OpenPose-style ControlNet matching :func:`tiny_unet_config`.
 
     ``ControlNetModel`` starts its zero convolutions at exactly zero (as ``from_unet`` does), which
@@ -178,7 +185,7 @@ def build_tiny_controlnet(folder: Path, seed: int = 1) -> Path:
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    cfg = tiny_unet_config()
+    cfg = tiny_unet_config(heads)
     controlnet = ControlNetModel(
         block_out_channels=cfg["block_out_channels"],
         layers_per_block=cfg["layers_per_block"],

@@ -139,6 +139,27 @@ def test_gradio_client_transcribe_endpoint(server, tiny_whisper_hf, english_clip
     assert sorted(Path(f).suffix for f in files) == [".json", ".srt", ".txt", ".vtt"]
 
 
+def test_positional_calls_written_before_word_timestamps_still_work(server, tiny_whisper_hf, english_clip):
+    """Issue #23 added word_timestamps and vtt_word_timing last, with defaults (off): a call giving the
+    eight parameters before them by position gets what it got before."""
+    from gradio_client import Client, handle_file
+
+    from conftest import parse_webvtt, read_json
+
+    client = Client(server, verbose=False)
+    text, language, segments, files = client.predict(
+        handle_file(str(english_clip)), None, str(tiny_whisper_hf), "fp16", "CPU", "transcribe", "en", True,
+        api_name="/transcribe")
+    assert language == "en" and sorted(Path(f).suffix for f in files) == [".json", ".srt", ".txt", ".vtt"]
+    assert all(cue["tags"] == [] for cue in parse_webvtt(next(f for f in files if f.endswith(".vtt"))))
+    assert all(s["words"] == [] for s in read_json(next(f for f in files if f.endswith(".json")))["segments"])
+    # the new parameters by name: the random model's words (if any) lie inside their segments
+    *_, files = client.predict(audio=handle_file(str(english_clip)), model=str(tiny_whisper_hf), language="en",
+                               word_timestamps=True, vtt_word_timing=True, api_name="/transcribe")
+    for segment in read_json(next(f for f in files if f.endswith(".json")))["segments"]:
+        assert all(segment["start"] <= w["start"] <= w["end"] <= segment["end"] for w in segment["words"])
+
+
 def test_gradio_client_gets_the_error_message(server, tiny_whisper_hf):
     from gradio_client import Client
 

@@ -542,9 +542,11 @@ def test_shared_server_checks_the_voice_prompt_and_image_models(models_dir, engl
     from ui.image_tab import CancelRegistry, make_generate_handler, make_voice_prompt_handler
 
     shared = Services(Settings(models_dir=models_dir, shared=True, allow_local_models=False))
-    with pytest.raises(gr.Error, match="shared, so a model cannot be loaded from a local path"):
+    with pytest.raises(gr.Error, match="shared, so a Whisper model cannot be loaded from a local path.*"
+                                       "'openai/whisper-small'"):
         make_voice_prompt_handler(shared)(str(english_clip), "/srv/whisper", "CPU", **QUIET)
-    with pytest.raises(gr.Error, match="shared, so a Stable Diffusion model cannot be loaded"):
+    with pytest.raises(gr.Error, match="shared, so a Stable Diffusion model cannot be loaded.*"
+                                       "'stable-diffusion-v1-5/stable-diffusion-v1-5'"):
         make_generate_handler(shared, CancelRegistry())(*_fast_args()[:11], tiny_refs["sd"], "", "CPU", **QUIET)
     assert shared.whisper.loaded_keys() == [] and shared.image.loaded() == []
     # every Whisper picker, the image tab's included, offers no local folders there

@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import normalised_words, word_error_rate
+from conftest import normalised_words, parse_webvtt, read_json, word_error_rate
 from pipelines.core.types import ModelChoice
 from pipelines.speech.audio import load_audio
 from pipelines.speech.catalogue import DEFAULT_MODEL
 from pipelines.speech.decoding import DecodeGuards, longest_repeat_run
 from pipelines.speech.service import WhisperService
-from pipelines.speech.types import TranscribeOptions
+from pipelines.speech.types import TranscribeOptions, Transcript
 from servers import launched
 
 pytestmark = pytest.mark.slow
@@ -99,6 +99,54 @@ def test_word_timestamps_lie_inside_their_segments(whisper, speech_clips):
     starts = [w.start for w in words]
     assert starts == sorted(starts)
     assert clip["speech"][0] - 0.6 <= words[0].start and words[-1].end <= clip["speech"][1] + 0.6
+
+
+def assert_words_cover_the_text_in_order(transcript, clip, slack=0.6):
+    """Issue #23: every word of the text is in the word list, in order; word times never go back, and
+    lie inside their segment, inside the audio and around the speech."""
+    words = [w for s in transcript.segments for w in s.words]
+    assert normalised_words(" ".join(w.text for w in words)).split() == normalised_words(transcript.text).split()
+    starts = [w.start for w in words]
+    assert starts == sorted(starts) and all(w.start <= w.end for w in words)
+    for seg in transcript.segments:
+        assert seg.words and all(seg.start <= w.start <= w.end <= seg.end for w in seg.words), seg
+    assert 0.0 <= words[0].start and words[-1].end <= transcript.duration
+    assert clip["speech"][0] - slack <= words[0].start and words[-1].end <= clip["speech"][1] + slack
+    return words
+
+
+@pytest.mark.parametrize("name", ["english_long", "german", "spanish", "french"])
+def test_word_timestamps_give_every_word_of_the_text_in_order(whisper, speech_clips, name):
+    clip = speech_clips[name]
+    transcript = transcribe(whisper, clip, word_timestamps=True)
+    words = assert_words_cover_the_text_in_order(transcript, clip)
+    ends = [w.end for w in words]
+    print(f"{name}: {len(words)} words, WER {word_error_rate(clip['text'], transcript.text):.3f}, "
+          f"ends in order: {ends == sorted(ends)}")
+    assert word_error_rate(clip["text"], transcript.text) <= 0.3, transcript.text
+
+
+def test_word_timestamps_and_word_timed_webvtt_through_gradio_client(speech_clips, services):
+    """/transcribe with the new parameters by name: the JSON lists the words, the WebVTT tags them."""
+    from gradio_client import Client, handle_file
+
+    clip = speech_clips["english_long"]
+    with launched(services) as url:
+        text, language, segments, files = Client(url, verbose=False).predict(
+            audio=handle_file(str(clip["path"])), media_file=None, model=DEFAULT_MODEL, language="en",
+            word_timestamps=True, vtt_word_timing=True, api_name="/transcribe")
+    data = read_json(next(f for f in files if f.endswith(".json")))
+    assert data["text"] == text and language == "en" and len(segments["data"]) == len(data["segments"])
+    transcript = Transcript.from_dict(data)
+    words = assert_words_cover_the_text_in_order(transcript, clip)
+    cues = parse_webvtt(next(f for f in files if f.endswith(".vtt")))
+    tags = [t for cue in cues for t in cue["tags"]]
+    assert {round(t * 1000) for t in tags} <= {round(w.start * 1000) for w in words}  # each the start of a word
+    for cue in cues:
+        assert all(cue["start"] < t < cue["end"] for t in cue["tags"]) and cue["tags"] == sorted(set(cue["tags"]))
+    print(f"{len(words)} words, {len(cues)} cues, {len(tags)} word tags")
+    assert len(tags) >= 0.8 * (len(words) - len(cues))  # all but each cue's first word, bar a few moved ones
+    assert normalised_words(" ".join(c["text"] for c in cues)).split() == normalised_words(text).split()
 
 
 def test_silence_and_quiet_noise_yield_no_text(whisper):

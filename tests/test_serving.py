@@ -205,6 +205,26 @@ def test_the_operators_configured_models_always_pass(tmp_path):
         settings.check_model("/srv/other", kind="Stable Diffusion model")
 
 
+@pytest.mark.parametrize("kind, example", [
+    ("Whisper model", "openai/whisper-small"),
+    ("Stable Diffusion model", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    ("ControlNet model", "lllyasviel/control_v11p_sd15_openpose"),
+])
+def test_the_refusal_of_a_local_path_suggests_a_hub_id_of_the_same_kind(tmp_path, kind, example):
+    """Issue #23: a refused Stable Diffusion path used to be told to try 'openai/whisper-small'."""
+    from pipelines.core.security import ModelReferenceRefused
+    from pipelines.services import MODEL_ID_EXAMPLES, Settings
+
+    settings = Settings(models_dir=tmp_path, allow_local_models=False, shared=True)
+    with pytest.raises(ModelReferenceRefused) as refused:
+        settings.check_model("/srv/models/mine", kind=kind)
+    message = str(refused.value)
+    assert f"a {kind} cannot be loaded from a local path" in message and f"such as '{example}'" in message
+    assert [other for other in MODEL_ID_EXAMPLES.values() if other in message] == [example]
+    # the example is a reference a shared server accepts
+    assert settings.check_model(example, kind=kind) == example
+
+
 # =========================================================================== logins
 def test_logins_come_from_flags_files_and_the_environment(tmp_path):
     from pipelines.core.security import load_auth
@@ -400,7 +420,7 @@ def test_the_url_field_fetches_youtube_hosts_only(guarded, url):
 def test_shared_server_refuses_local_model_paths_through_the_api(guarded, english_clip, reference):
     from gradio_client import handle_file
 
-    with pytest.raises(Exception, match="shared, so a model cannot be loaded from a local path"):
+    with pytest.raises(Exception, match="shared, so a Whisper model cannot be loaded from a local path"):
         api_client(guarded).predict(audio=handle_file(str(english_clip)), media_file=None, model=reference,
                                     api_name="/transcribe")
 

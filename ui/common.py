@@ -95,7 +95,7 @@ def whisper_request(settings, model: Optional[str], precision: Optional[str], de
     do is refused before any model is loaded. ``options`` are further :class:`TranscribeOptions`
     fields (timestamps, word_timestamps). Raises ValueError with a message written for the user.
     """
-    choice = ModelChoice(model=settings.check_model(model or settings.default_model),
+    choice = ModelChoice(model=settings.check_model(model or settings.default_model, kind="Whisper model"),
                          precision=check_precision(precision or "fp16"),
                          device=validate_device(device or settings.default_device))
     request = TranscribeOptions(task=task or "transcribe",

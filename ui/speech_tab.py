@@ -1,6 +1,7 @@
 """Tab 1: Speech to text. Endpoints ``/transcribe`` and ``/transcribe_compare`` (FP16 vs INT8)."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -19,10 +20,25 @@ from .common import (agreement_text, compare_columns, language_dropdown, progres
 
 log = logging.getLogger(__name__)
 SEGMENT_COLUMNS = ["start", "end", "text"]
+WORD_COLUMNS = ["start", "end", "word"]
 
 
 def segments_table(transcript: Transcript) -> list[list]:
     return [[f"{s.start:.2f}", f"{s.end:.2f}", s.text] for s in transcript.segments]
+
+
+def words_table(transcript: Transcript) -> list[list]:
+    """Every timed word of the transcript, in order: [start, end, word]."""
+    return [[f"{w.start:.2f}", f"{w.end:.2f}", w.text] for s in transcript.segments for w in s.words]
+
+
+def show_words(files: Optional[list], word_timestamps: bool, vtt_word_timing: bool):
+    """The tab's words table after a transcription, read from its JSON download (hidden without words)."""
+    json_file = next((f for f in files or [] if str(f).endswith(".json")), None)
+    if not (word_timestamps or vtt_word_timing) or json_file is None:
+        return gr.update(value=[], visible=False)
+    rows = words_table(Transcript.from_dict(json.loads(Path(json_file).read_text(encoding="utf-8"))))
+    return gr.update(value=rows, visible=bool(rows))
 
 
 def _samples(services: Services, audio: Optional[str], media_file: Optional[str]) -> tuple[Path, np.ndarray]:
@@ -45,6 +61,8 @@ def make_transcribe_handler(services: Services):
         task: Optional[str] = None,
         language: Optional[str] = None,
         timestamps: bool = True,
+        word_timestamps: bool = False,
+        vtt_word_timing: bool = False,
         progress: gr.Progress = gr.Progress(),
     ) -> tuple[str, str, list[list], list[str]]:
         """Transcribe or translate speech.
@@ -58,21 +76,27 @@ def make_transcribe_handler(services: Services):
             task: "transcribe" or "translate" (to English).
             language: spoken language code, or "auto" to detect it.
             timestamps: whether to return timed segments.
+            word_timestamps: also time every word (slower); the JSON lists each segment's words with start and end.
+            vtt_word_timing: tag each word of the WebVTT with its start (`<00:00:01.500>`); implies word_timestamps.
         Returns:
             text, detected language, segments [start, end, text], files [srt, vtt, txt, json] ([txt, json]
             without timestamps).
         """
         if not (audio or media_file):
             raise gr.Error("No audio was given. Record with the microphone or upload an audio or video file.")
+        words = bool(word_timestamps or vtt_word_timing)
+        if words and not timestamps:
+            raise gr.Error("Word timestamps need timestamps: turn Timestamps on, or word timestamps off.")
         report = progress_fn(progress)
         with user_errors():
             choice, options = whisper_request(services.settings, model, precision, device, task, language,
-                                              timestamps=bool(timestamps))
+                                              timestamps=bool(timestamps), word_timestamps=words)
             report(0.0, "decode audio")
             source, samples = _samples(services, audio, media_file)
             transcript = services.whisper.transcribe(samples, choice, options, report)
         out_dir = request_dir("speech")
-        files = write_outputs(transcript, out_dir, source.stem or "transcript", CueRules())
+        files = write_outputs(transcript, out_dir, source.stem or "transcript", CueRules(),
+                              vtt_word_timing=bool(vtt_word_timing))
         report(1.0, "done")
         kinds = ("srt", "vtt", "txt", "json") if timestamps else ("txt", "json")  # no empty subtitle files
         return transcript.text, transcript.language or "", segments_table(transcript), [str(files[k]) for k in kinds]
@@ -135,11 +159,20 @@ def build_speech_tab(services: Services) -> None:
                 task = task_radio()
                 language = language_dropdown()
                 timestamps = gr.Checkbox(value=True, label="Timestamps")
+            with gr.Row():
+                word_timestamps = gr.Checkbox(
+                    value=False, label="Word timestamps",
+                    info="The time of every word, in a table and the JSON download (slower: a pipeline of its own).")
+                vtt_word_timing = gr.Checkbox(
+                    value=False, label="Word timing in WebVTT",
+                    info="Karaoke-style: each word of the .vtt tagged with its start time (turns word timestamps on).")
             run = gr.Button("Transcribe", variant="primary", elem_id="speech-run")
         with gr.Column():
             text = gr.Textbox(label="Text", lines=8, buttons=["copy"], elem_id="speech-text")
             detected = gr.Textbox(label="Detected language", elem_id="speech-language")
             segments = gr.Dataframe(headers=SEGMENT_COLUMNS, label="Segments", wrap=True, interactive=False)
+            words = gr.Dataframe(headers=WORD_COLUMNS, label="Words", interactive=False, visible=False,
+                                 elem_id="speech-words")
             files = gr.File(label="Downloads (SRT, WebVTT, TXT, JSON)", file_count="multiple")
     with gr.Accordion("Compare FP16 and INT8: the same audio through both models, timed", open=False):
         compare = gr.Button("Compare FP16 and INT8", elem_id="speech-compare")
@@ -148,12 +181,14 @@ def build_speech_tab(services: Services) -> None:
         compare_summary = gr.Textbox(label="Comparison", interactive=False, elem_id="speech-compare-summary")
     run.click(
         make_transcribe_handler(services),
-        inputs=[audio, media_file, model, precision, device, task, language, timestamps],
+        inputs=[audio, media_file, model, precision, device, task, language, timestamps, word_timestamps,
+                vtt_word_timing],
         outputs=[text, detected, segments, files],
         api_name="transcribe",
         concurrency_id="whisper",
         concurrency_limit=settings.queue_limit("whisper"),
-    )
+    ).success(show_words, inputs=[files, word_timestamps, vtt_word_timing], outputs=[words], queue=False,
+              api_visibility="private")  # the browser's table only: /transcribe's outputs stay as they were
     compare.click(
         make_transcribe_compare_handler(services),
         inputs=[audio, media_file, model, device, task, language],

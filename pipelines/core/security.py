@@ -73,19 +73,21 @@ def looks_like_local_path(reference: str) -> bool:
 
 
 def check_model_reference(reference: str, *, allow_local: bool, trusted: Iterable[Optional[str]] = (),
-                          kind: str = "model") -> str:
+                          kind: str = "model", example: Optional[str] = None) -> str:
     """The stripped reference, or :class:`ModelReferenceRefused` when a user may not give it.
 
-    ``trusted`` holds the references the operator configured: they pass whatever they are.
+    ``trusted`` holds the references the operator configured: they pass whatever they are. ``kind``
+    names the kind of model in the refusal, ``example`` is a Hugging Face id of that kind it suggests.
     """
     ref = (reference or "").strip()
     if allow_local or not ref or ref in {t.strip() for t in trusted if t}:
         return ref
     if looks_like_local_path(ref):
+        hub_id = f"such as '{example}'" if example else "('owner/name')"
         raise ModelReferenceRefused(
             f"This server is shared, so a {kind} cannot be loaded from a local path. Choose a listed {kind} "
-            "or give a Hugging Face model id such as 'openai/whisper-small'. (Whoever runs the server can allow "
-            "local folders with --allow-local-models.)")
+            f"or give a Hugging Face model id {hub_id}. (Whoever runs the server can allow local folders with "
+            "--allow-local-models.)")
     return ref
 
 

@@ -7,6 +7,8 @@ from typing import Optional
 BUNDLED_BASE = "bundled/whisper-base"
 BUNDLED_TINY_EN = "bundled/whisper-tiny.en"
 DEFAULT_MODEL = BUNDLED_BASE
+#: A Whisper model on the Hugging Face Hub that messages give as an example.
+HUB_EXAMPLE = "openai/whisper-small"
 #: How INT8 Whisper is made (``VOICE_STUDIO_WHISPER_INT8``): ``decoder-weights`` (default, chosen by
 #: measurement on this CPU) or ``calibrated`` (NNCF post-training quantization of the encoder,
 #: calibrated on speech, beside the INT8-weight decoder; for CPUs where INT8 activations pay).

@@ -92,10 +92,16 @@ class Decoded:
         """Cut a phrase loop that survived every fallback down to its first occurrences."""
         kept: list[Chunk] = []
         for chunk in self.chunks:
-            cleaned = collapse_repeats(chunk.text)
+            tokens = chunk.text.split()
+            indices = kept_after_collapse(tokens)
+            cleaned = " ".join(tokens[i] for i in indices)
             if kept and cleaned == kept[-1].text:
                 continue
-            kept.append(Chunk(chunk.start, chunk.end, cleaned, chunk.words if cleaned == chunk.text else ()))
+            if len(chunk.words) == len(tokens):  # word mode: a word per token; keep the words of the tokens kept
+                words = tuple(chunk.words[i] for i in indices)
+            else:
+                words = chunk.words if cleaned == chunk.text else ()
+            kept.append(Chunk(chunk.start, chunk.end, cleaned, words))
         text = " ".join(c.text for c in kept) if kept else collapse_repeats(self.text)
         return Decoded(text=text, chunks=tuple(kept), language=self.language, temperature=self.temperature)
 
@@ -109,6 +115,7 @@ def chunks_from_words(words: Iterable[Any], seconds: float, pause: float = 1.0, 
     after sentence punctuation, before a pause longer than ``pause`` s, or when it would pass ``max_seconds``."""
     chunks: list[Chunk] = []
     current: list[Word] = []
+    last_start = 0.0  # word starts never go back in time
 
     def close() -> None:
         if current:
@@ -120,8 +127,9 @@ def chunks_from_words(words: Iterable[Any], seconds: float, pause: float = 1.0, 
         text = w.word.strip()
         if is_empty_text(text):  # a lone "..." or "-" is not speech
             continue
-        start = min(max(0.0, float(w.start_ts)), seconds)
+        start = min(max(last_start, float(w.start_ts)), seconds)
         end = min(max(start, float(w.end_ts)), seconds)
+        last_start = start
         if current and (start - current[-1].end > pause or end - current[0].start > max_seconds):
             close()
         current.append(Word(text, start, end))
@@ -181,22 +189,24 @@ def looks_degenerate(text: str, threshold: float = 2.4, max_run: int = 4) -> boo
 def collapse_repeats(text: str, max_ngram: int = 6, keep: int = 2) -> str:
     """Keep at most ``keep`` consecutive copies of any repeated word n-gram (punctuation kept)."""
     tokens = text.split()
+    return " ".join(tokens[i] for i in kept_after_collapse(tokens, max_ngram, keep))
+
+
+def kept_after_collapse(tokens: list[str], max_ngram: int = 6, keep: int = 2) -> list[int]:
+    """The indices of the ``tokens`` :func:`collapse_repeats` keeps (so their timed words can be kept too)."""
     keys = [" ".join(_WORDS.findall(t.lower())) for t in tokens]
-    n = max_ngram
-    while n >= 1:
-        i = 0
-        out_tokens, out_keys = [], []
-        while i < len(tokens):
+    kept = list(range(len(tokens)))
+    for n in range(max_ngram, 0, -1):
+        current = [keys[k] for k in kept]
+        i, out = 0, []
+        while i < len(kept):
             run = 1
-            while keys[i + run * n:i + (run + 1) * n] == keys[i:i + n] and i + (run + 1) * n <= len(tokens):
+            while current[i + run * n:i + (run + 1) * n] == current[i:i + n] and i + (run + 1) * n <= len(kept):
                 run += 1
-            take = min(run, keep) * n if run > 1 else 1
-            out_tokens += tokens[i:i + take]
-            out_keys += keys[i:i + take]
+            out += kept[i:i + (min(run, keep) * n if run > 1 else 1)]
             i += run * n if run > 1 else 1
-        tokens, keys = out_tokens, out_keys
-        n -= 1
-    return " ".join(tokens)
+        kept = out
+    return kept
 
 
 def make_prompt(loaded: Any, context: list[str], limit: int) -> Optional["Prompt"]:

@@ -25,11 +25,11 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from pipelines.speech.types import Segment, Transcript
+from pipelines.speech.types import Segment, Transcript, Word
 
 __all__ = [
     "CueRules",
@@ -82,11 +82,16 @@ class CueRules:
 
 @dataclass(frozen=True)
 class Cue:
-    """One subtitle on screen: times in seconds (millisecond precision), lines joined by "\\n"."""
+    """One subtitle on screen: times in seconds (millisecond precision), lines joined by "\\n".
+
+    ``words``: when the transcript had word timestamps, the cue's words (as they stand in ``text``,
+    punctuation glued on) with their times, for word-timed WebVTT; not part of equality or JSON.
+    """
 
     start: float
     end: float
     text: str
+    words: tuple[Word, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def lines(self) -> list[str]:
@@ -95,7 +100,7 @@ class Cue:
 
     def to_dict(self) -> dict:
         """Plain dict for JSON."""
-        return asdict(self)
+        return {"start": self.start, "end": self.end, "text": self.text}
 
 
 @dataclass(frozen=True)
@@ -313,8 +318,8 @@ def wrap_text(text: str, max_line_chars: int = 42, max_lines: int = 2) -> Option
 # --------------------------------------------------------------------------- grouping
 
 
-def _group_segment(tokens: Sequence[_Token], rules: CueRules) -> list[tuple[float, float, str]]:
-    """Split one segment's tokens into cues: (start, end, text) with text already wrapped."""
+def _group_segment(tokens: Sequence[_Token], rules: CueRules) -> list[tuple[float, float, str, Sequence[_Token]]]:
+    """Split one segment's tokens into cues: (start, end, text, tokens) with text already wrapped."""
     n = len(tokens)
     if n == 0:
         return []
@@ -345,11 +350,11 @@ def _group_segment(tokens: Sequence[_Token], rules: CueRules) -> list[tuple[floa
             if cost < best[j][0]:
                 best[j] = (cost, i)
                 wraps[(i, j)] = lines
-    cues: list[tuple[float, float, str]] = []
+    cues: list[tuple[float, float, str, Sequence[_Token]]] = []
     j = n
     while j > 0:
         i = best[j][1]
-        cues.append((tokens[i].start, tokens[j - 1].end, "\n".join(wraps[(i, j)])))
+        cues.append((tokens[i].start, tokens[j - 1].end, "\n".join(wraps[(i, j)]), tokens[i:j]))
         j = i
     return cues[::-1]
 
@@ -357,12 +362,12 @@ def _group_segment(tokens: Sequence[_Token], rules: CueRules) -> list[tuple[floa
 # --------------------------------------------------------------------------- timing
 
 
-def _fix_times(raw: list[tuple[int, int, str]], rules: CueRules, limit_ms: Optional[int]) -> list[Cue]:
-    """Order, separate, extend and clamp cues (all times in whole ms)."""
+def _fix_times(raw: list[tuple[int, int, str, tuple]], rules: CueRules, limit_ms: Optional[int]) -> list[Cue]:
+    """Order, separate, extend and clamp cues (all times in whole ms; the 4th item: the cue's words)."""
     gap = int(round(rules.min_gap * 1000))
     min_dur = int(round(rules.min_duration * 1000))
     step = gap + _MIN_VISIBLE_MS
-    cues = [[max(0, s), max(0, e), t] for s, e, t in raw]
+    cues = [[max(0, s), max(0, e), t, words] for s, e, t, words in raw]
     if limit_ms is not None:
         for c in cues:
             c[0], c[1] = min(c[0], limit_ms), min(c[1], limit_ms)
@@ -389,7 +394,7 @@ def _fix_times(raw: list[tuple[int, int, str]], rules: CueRules, limit_ms: Optio
             floor = cues[k - 1][1] + gap if k > 0 else 0
             c[0] = max(floor, min(c[0], end - min_dur))
         c[1] = end
-    return [Cue(s / 1000.0, e / 1000.0, t) for s, e, t in cues if e > s]
+    return [Cue(s / 1000.0, e / 1000.0, t, words) for s, e, t, words in cues if e > s]
 
 
 def make_cues(transcript: Transcript, rules: CueRules = CueRules()) -> list[Cue]:
@@ -403,12 +408,14 @@ def make_cues(transcript: Transcript, rules: CueRules = CueRules()) -> list[Cue]
         Cues in time order, never overlapping, each with at most ``rules.max_lines`` lines
         (a single word longer than a line is cut into pieces).
     """
-    raw: list[tuple[int, int, str]] = []
+    raw: list[tuple[int, int, str, tuple]] = []
     for segment in transcript.segments:
         tokens = _segment_tokens(segment, rules.max_line_chars)
-        for start, end, text in _group_segment(tokens, rules):
+        timed = any(w.text.strip() for w in segment.words)  # real word times, not shares of the segment's
+        for start, end, text, group in _group_segment(tokens, rules):
             if not text.strip() or _is_wordless(text):
                 continue
-            raw.append((int(round(start * 1000)), int(round(end * 1000)), text))
+            words = tuple(Word(t.text, t.start, t.end) for t in group) if timed else ()
+            raw.append((int(round(start * 1000)), int(round(end * 1000)), text, words))
     limit = int(math.floor(transcript.duration * 1000 + 1e-6)) if transcript.duration > 0 else None
     return _fix_times(raw, rules, limit)
