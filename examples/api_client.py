@@ -2,6 +2,7 @@
 """Call a running Voice Studio server from the command line, through its named API endpoints.
 
     python examples/api_client.py transcribe speech.mp3 --precision int8
+    python examples/api_client.py transcribe speech.mp3 --word-timestamps --vtt-word-timing --out subs/
     python examples/api_client.py compare speech.mp3          # FP16 vs INT8: both texts and times
     python examples/api_client.py --server http://127.0.0.1:7860/ subtitles --video talk.mp4 --burn-in --out subs/
     python examples/api_client.py subtitles --url https://youtu.be/VIDEO_ID
@@ -77,12 +78,16 @@ def transcribe(client, args) -> dict:
     text, language, segments, files = client.predict(
         audio=_file(args.file), media_file=None,
         **_given(model=args.model, precision=args.precision, device=args.device, task=args.task,
-                 language=args.language, timestamps=False if args.no_timestamps else None),
+                 language=args.language, timestamps=False if args.no_timestamps else None,
+                 word_timestamps=args.word_timestamps or None, vtt_word_timing=args.vtt_word_timing or None),
         api_name="/transcribe")
     rows = (segments or {}).get("data", []) if isinstance(segments, dict) else []
-    return {"text": text, "language": language,
-            "segments": [{"start": float(r[0]), "end": float(r[1]), "text": r[2]} for r in rows],
-            "files": _copy_out(_paths(files), args.out)}
+    result = {"text": text, "language": language,
+              "segments": [{"start": float(r[0]), "end": float(r[1]), "text": r[2]} for r in rows]}
+    if args.word_timestamps or args.vtt_word_timing:  # the words are in the JSON file
+        data = json.loads(Path(next(p for p in _paths(files) if p.endswith(".json"))).read_text(encoding="utf-8"))
+        result["words"] = [w for s in data.get("segments", []) for w in s.get("words", [])]
+    return {**result, "files": _copy_out(_paths(files), args.out)}
 
 
 def subtitles(client, args) -> dict:
@@ -137,6 +142,7 @@ def show(result: dict) -> str:
         lines.append(f"language: {result['language']}")
     if result.get("said"):
         lines.append(f"said: {result['said']}")
+    lines += [f"{w['start']:8.2f} {w['end']:8.2f}  {w['text']}" for w in result.get("words", [])]
     for key in ("files", "images", "pose"):
         lines += [f"file: {p}" for p in result.get(key, [])]
     return "\n".join(lines)
@@ -175,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="an audio or video file")
     whisper_options(p)
     p.add_argument("--no-timestamps", action="store_true", help="no timed segments")
+    p.add_argument("--word-timestamps", action="store_true", help="the time of every word (slower)")
+    p.add_argument("--vtt-word-timing", action="store_true",
+                   help="tag each word of the .vtt with its start, karaoke-style (implies --word-timestamps)")
     p.set_defaults(run=transcribe)
 
     p = command("compare", "the same audio through the FP16 and the INT8 Whisper, timed (/transcribe_compare)")

@@ -160,6 +160,15 @@ def test_positional_calls_written_before_word_timestamps_still_work(server, tiny
         assert all(segment["start"] <= w["start"] <= w["end"] <= segment["end"] for w in segment["words"])
 
 
+def test_example_client_asks_for_word_timestamps(server, tiny_whisper_hf, english_clip):
+    out = subprocess.run([sys.executable, "examples/api_client.py", "--server", server, "--json", "transcribe",
+                          str(english_clip), "--model", str(tiny_whisper_hf), "--language", "en", "--word-timestamps"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert isinstance(result["words"], list) and all({"text", "start", "end"} <= set(w) for w in result["words"])
+
+
 def test_gradio_client_gets_the_error_message(server, tiny_whisper_hf):
     from gradio_client import Client
 

@@ -94,6 +94,9 @@ def make_transcribe_handler(services: Services):
             report(0.0, "decode audio")
             source, samples = _samples(services, audio, media_file)
             transcript = services.whisper.transcribe(samples, choice, options, report)
+        if words and transcript.segments and not any(s.words for s in transcript.segments):
+            gr.Warning(f"{choice.model} cannot time words (its generation config has no alignment heads): "
+                       "segments only.")
         out_dir = request_dir("speech")
         files = write_outputs(transcript, out_dir, source.stem or "transcript", CueRules(),
                               vtt_word_timing=bool(vtt_word_timing))
