@@ -30,9 +30,9 @@ SD15_SCHEDULER_CONFIG = {
 
 #: Attention heads of the tiny UNet and ControlNet (see :func:`tiny_unet_config`): one, so each head is
 #: as wide as its block (8 and 16 channels). OpenVINO's fused attention kernel is slow on narrow heads:
-#: with 2 heads (4 and 8 wide) attention took 65-71% of a UNet call and a denoising step at 256x256 was
-#: 1.22-1.25x slower; the image test files ran 236-247 s instead of 208-216 s (issue #23,
-#: benchmarks/tiny_attention.py).
+#: with 2 heads (4 and 8 wide) attention took about half of a UNet call and a denoising step at
+#: 256x256 was 1.32-1.35x slower; the image test files ran 236-247 s instead of 208-216 s (issue #23,
+#: benchmarks/tiny_attention.py and benchmarks/README.md).
 ATTENTION_HEADS = 1
 
 

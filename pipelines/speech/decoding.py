@@ -115,7 +115,7 @@ def chunks_from_words(words: Iterable[Any], seconds: float, pause: float = 1.0, 
     after sentence punctuation, before a pause longer than ``pause`` s, or when it would pass ``max_seconds``."""
     chunks: list[Chunk] = []
     current: list[Word] = []
-    last_start = 0.0  # word starts never go back in time
+    last_start = last_end = 0.0  # word times never go back
 
     def close() -> None:
         if current:
@@ -128,8 +128,8 @@ def chunks_from_words(words: Iterable[Any], seconds: float, pause: float = 1.0, 
         if is_empty_text(text):  # a lone "..." or "-" is not speech
             continue
         start = min(max(last_start, float(w.start_ts)), seconds)
-        end = min(max(start, float(w.end_ts)), seconds)
-        last_start = start
+        end = min(max(start, last_end, float(w.end_ts)), seconds)
+        last_start, last_end = start, end
         if current and (start - current[-1].end > pause or end - current[0].start > max_seconds):
             close()
         current.append(Word(text, start, end))
