@@ -86,6 +86,13 @@ class ReplicaBook:
         with self._lock:
             return dict(self._entry(deployment, replica))
 
+    def totals(self, deployment: str) -> dict[str, int]:
+        """Requests of this front end the deployment's replicas served, failed and lost, over every replica
+        it has seen (replaced ones too)."""
+        with self._lock:
+            entries = [entry for (dep, _), entry in self._replicas.items() if dep == deployment]
+            return {name: sum(entry[name] for entry in entries) for name in ("served", "failed", "lost")}
+
     def loaded(self, deployment: str) -> list[tuple]:
         """The models loaded on the deployment's replicas, each once."""
         with self._lock:

@@ -222,5 +222,6 @@ def cluster_status(book: Any, address: str) -> dict:
             "status": _value(statuses[app].status),
             "deployment_status": _value(deployment.status) if deployment else None,
             "message": deployment.message if deployment else "", "target_replicas": found.get("target_num_replicas"),
-            "replicas": replicas, "waiting_for_a_replica": book.waiting(app), **capacity(details, app)}
+            "replicas": replicas, "waiting_for_a_replica": book.waiting(app), "front_end": book.totals(app),
+            **capacity(details, app)}
     return out
