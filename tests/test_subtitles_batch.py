@@ -183,3 +183,22 @@ def test_playlist_videos_are_fetched_and_subtitled_one_by_one(services, media, t
     assert sorted(p.name for p in youtube_factory.downloads()) == [f"{vid}-audio.m4a" for vid in VIDEO_IDS]
     assert not any(p.exists() for p in youtube_factory.downloads())
     assert len(zipfile.ZipFile(archive).namelist()) == 6
+
+
+@pytest.mark.slow
+def test_the_api_client_example_runs_a_batch(batch_server, english_clip, tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    try:
+        import api_client
+    finally:
+        sys.path.pop(0)
+
+    code = api_client.main(["--server", batch_server, "subtitles-batch", str(english_clip), "--url",
+                            "https://vimeo.com/1", "--model", BASE, "--json", "--out", str(tmp_path / "subs")])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["summary"] == "2 items: 1 done, 1 failed."
+    assert [(item["source"], item["status"]) for item in result["items"]] == [
+        ("english.wav", "done"), ("https://vimeo.com/1", "failed")]
+    assert [Path(f).name for f in result["files"]] == ["subtitles.zip"] and (tmp_path / "subs" / "subtitles.zip").is_file()

@@ -140,6 +140,7 @@ class RemoteCall:
         self.handle, self.deployment = handle, deployment
         self.book = book or ReplicaBook()
         self.retries, self.deadline_s, self.idle_timeout_s = retries, deadline_s, idle_timeout_s
+        self.last = threading.local()  # .info: this thread's last result: replica, seconds inside it, tries
 
     def run(self, method: str, *args: Any, progress: Progress = no_progress, cancel: CancelCheck = None) -> Any:
         """``method(*args)`` on a replica; its result, or the service's own exception."""
@@ -149,6 +150,7 @@ class RemoteCall:
         for attempt in range(1 + self.retries):
             if is_cancelled(cancel):
                 raise CallCancelled("cancelled")
+            self.last.info = {"tries": attempt + 1}
             try:
                 return self._try(method, args, channels, cancel, deadline)
             except _Lost as lost:
@@ -209,6 +211,7 @@ class RemoteCall:
                     event["fraction"], event["message"])
             elif kind == RESULT:
                 self.book.note(self.deployment, event["replica"], served=1, loaded=event.get("loaded", []))
+                self.last.info.update(replica=event["replica"], replica_seconds=event.get("seconds"))
                 return event["value"]
         raise _Lost("the answer ended without a result")
 
