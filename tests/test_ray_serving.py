@@ -328,7 +328,8 @@ def test_progress_and_the_services_own_errors_cross_the_boundary(ray_app, client
         ray_app.services.whisper.transcribe(speech, ModelChoice(model=str(tiny_whisper_hf)),
                                             TranscribeOptions(language="xx"))
     with pytest.raises(Exception, match="is neither a local folder nor a Hugging Face model id"):
-        client.predict(audio=handle_file(str(sentences[0])), media_file=None, model="not a model!", api_name="/transcribe")
+        client.predict(audio=handle_file(str(sentences[0])), media_file=None, model="not a model!",
+                       api_name="/transcribe")
 
 
 @pytest.mark.slow
@@ -482,7 +483,8 @@ def test_the_ui_endpoints_work_over_the_deployments(ray_app, client, tiny_whispe
     assert len(files) == 1 and "seeds 7" in summary and summary.endswith("FP16")
     before = {r["id"]: r["served"] for r in whisper_replicas(ray_app.services)}
     fp16_text, fp16_s, int8_text, int8_s, comparison = client.predict(
-        audio=handle_file(str(sentences[1])), media_file=None, model=str(tiny_whisper_hf), api_name="/transcribe_compare")
+        audio=handle_file(str(sentences[1])), media_file=None, model=str(tiny_whisper_hf),
+        api_name="/transcribe_compare")
     assert fp16_s > 0 and int8_s > 0 and "as fast as FP16" in comparison
     served = {r["id"]: r["served"] - before.get(r["id"], 0) for r in whisper_replicas(ray_app.services)}
     assert sorted(served.values()) == [0, 1], served  # both precisions in one call on one replica

@@ -108,7 +108,8 @@ def build_batch_section(services, settings_inputs: list) -> None:
             files = gr.File(label="Videos or audio files", file_count="multiple", file_types=["video", "audio"],
                             type="filepath", elem_id="batch-files")
             links = gr.Textbox(label="YouTube links, one a line (a playlist link adds all its videos)", lines=4,
-                               placeholder="https://www.youtube.com/watch?v=…\nhttps://www.youtube.com/playlist?list=…",
+                               placeholder="https://www.youtube.com/watch?v=…\n"
+                                           "https://www.youtube.com/playlist?list=…",
                                elem_id="batch-links")
         run = gr.Button("Make subtitles for all", elem_id="batch-run")
         summary = gr.Textbox(label="Batch", interactive=False, elem_id="batch-summary")

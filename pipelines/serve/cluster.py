@@ -158,7 +158,10 @@ def wait_running(apps: tuple[str, ...], timeout_s: float = START_TIMEOUT_S) -> N
 
     deadline = time.monotonic() + timeout_s
     while True:
-        status = serve.status().applications
+        try:
+            status = serve.status().applications
+        except Exception:  # noqa: BLE001 - Serve not started on the cluster yet (KubeRay still setting up)
+            status = {}
         states = {app: _value(status[app].status) if app in status else "NOT_DEPLOYED" for app in apps}
         if all(state == "RUNNING" for state in states.values()):
             return

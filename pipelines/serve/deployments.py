@@ -25,7 +25,7 @@ WHISPER, IMAGE = "whisper", "image"  # application and deployment names
 @serve.deployment(name=WHISPER, max_ongoing_requests=2, max_queued_requests=64, ray_actor_options={"num_cpus": 1},
                   health_check_period_s=2, graceful_shutdown_timeout_s=30)
 class WhisperDeployment(StreamingReplica):
-    """Transcription, comparison and model loading on one replica's :class:`~pipelines.speech.service.WhisperService`."""
+    """Transcription, comparison and model loading on one replica's WhisperService."""
 
     deployment = WHISPER
 

@@ -60,7 +60,8 @@ def _pair(flag: str, cast: Callable[[str], Any]) -> Callable[[str], tuple[str, A
         try:
             parsed = _autoscale(value) if flag == "autoscale" else cast(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a valid value for --ray-{flag.replace('_', '-')}: {text!r}") from None
+            name = flag.replace("_", "-")
+            raise argparse.ArgumentTypeError(f"not a valid value for --ray-{name}: {text!r}") from None
         if flag != "autoscale" and not parsed > 0:
             raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
         return kind.strip(), parsed

@@ -62,8 +62,8 @@ def start_ray_services(settings: Settings, options: RayOptions) -> RayServices:
     config = cluster.load_config(options.config)
     for app in cluster.APPS:  # the front end agrees with its replicas on models folder and models
         settings = with_args(settings, cluster.app_args(config, app))
-    running = cluster.running_apps()
-    if options.deploy == "always" or (options.deploy == "auto" and (options.local or set(running) != set(cluster.APPS))):
+    missing = set(cluster.APPS) - set(cluster.running_apps())
+    if options.deploy == "always" or (options.deploy == "auto" and (options.local or missing)):
         shared = settings_args(settings)
         args = {app: {**shared, **cluster.app_args(config, app)} for app in cluster.APPS}
         opts = {app: cluster.deployment_options(config, app, options.overrides.get(app, {})) for app in cluster.APPS}

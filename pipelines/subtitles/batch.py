@@ -226,7 +226,8 @@ class BatchJob:
 
     def summary(self) -> str:
         counts = self.counts()
-        parts = [f"{counts[state]} {state}" for state in (RUNNING, QUEUED, DONE, FAILED, CANCELLED) if counts.get(state)]
+        parts = [f"{counts[state]} {state}" for state in (RUNNING, QUEUED, DONE, FAILED, CANCELLED)
+                 if counts.get(state)]
         return f"{len(self.statuses)} item{'s' if len(self.statuses) != 1 else ''}: " + ", ".join(parts) + "."
 
     def zip(self) -> Optional[Path]:
