@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -42,13 +43,30 @@ def _local_environment() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *paths])
 
 
+def _reread_environment() -> None:
+    """Make an already imported Ray see the environment :func:`_local_environment` set: Ray reads its
+    auth mode, token and one-machine switch once, at import (anything may have imported it first, e.g.
+    a Serve config check); a stale 'auth disabled' would make this process fail to talk to its own GCS.
+    Ray refreshes them the same way when it turns token auth on itself (private API, Ray 2.60)."""
+    from ray._private import ray_constants
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() in ("1", "true")
+
+
 def connect(options: RayOptions) -> str:
     """Start the local instance or join the cluster (a process already connected stays so); its address."""
+    imported = "ray" in sys.modules
     if options.local:
         _local_environment()
     import logging
 
     import ray
+
+    if options.local and imported and not ray.is_initialized():
+        _reread_environment()
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no INFO lines per handle on the front end's console
     if not ray.is_initialized():
