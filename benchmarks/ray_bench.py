@@ -199,6 +199,9 @@ def main() -> None:
     embedded = Services(Settings(models_dir=args.models_dir))
     run_batch(embedded.whisper, items[:2], embedded.batch_width, work)  # converts and loads once
     connect(RayOptions())
+    from ray import serve
+
+    serve.start(proxy_location="Disabled")  # as the app: handles only, no HTTP proxy (nor its port 8000)
     srts: dict[str, list[str]] = {}
     for round_index in range(args.rounds):
         for label, replicas, cpus, slots in [("embedded (2 slots)", 0, 0.0, 2)] + RAY_SYSTEMS:
