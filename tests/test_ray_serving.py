@@ -424,6 +424,48 @@ def test_a_replica_killed_mid_batch_each_item_is_done_once_or_reported(ray_app, 
 
 
 @pytest.mark.slow
+def test_a_lost_request_with_no_try_left_ends_with_a_clear_error_and_the_front_end_serves_on(
+        ray_app, client, sentences):
+    """When a request's last try loses its replica (here no retry is allowed, so the first loss is the
+    last), the call ends at once with :class:`WorkerLost`, a message for the user, not a hang; the front
+    end keeps answering, and Serve brings the replica count back."""
+    from gradio_client import handle_file
+
+    from pipelines.core.types import ModelChoice
+    from pipelines.serve.client import WorkerLost
+    from pipelines.serve.remote import RemoteWhisper
+    from pipelines.speech.audio import load_audio
+
+    once = RemoteWhisper(ray_app.services.whisper.handle, ray_app.services.book, retries=0)
+    speech = np.concatenate([load_audio(path) for path in sentences])  # ~25 s: still running when killed
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            once.transcribe(speech, ModelChoice(model=BASE))
+        except Exception as exc:  # noqa: BLE001 - the test looks at what the caller got
+            outcome["error"] = exc
+        outcome["ended"] = time.perf_counter()
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    victim = kill_running_replica(ray_app.services)
+    killed_at = time.perf_counter()
+    worker.join(120)
+    assert not worker.is_alive(), "the call hung after its replica was killed"
+    error = outcome.get("error")
+    assert isinstance(error, WorkerLost), outcome
+    assert str(error).startswith("The whisper worker running this request stopped (") and str(error).endswith(
+        "Please try again in a minute."), str(error)
+    assert outcome["ended"] - killed_at < 60  # Ray reports the death at once; 60 s is the silent-replica bound
+    assert client.predict(api_name="/status")["mode"] == "ray"  # the front end serves on meanwhile
+    text = client.predict(audio=handle_file(str(sentences[5])), media_file=None, model=BASE,
+                          api_name="/transcribe")[0]
+    assert word_error_rate(SENTENCES[5], text) < 0.35, text
+    wait_for_replicas(ray_app.services, 2, without=victim["id"])
+
+
+@pytest.mark.slow
 def test_image_and_pose_through_the_deployment_match_embedded_and_cancel_stops(ray_app, client):
     from PIL import Image, ImageDraw
 

@@ -146,11 +146,12 @@ class RemoteCall:
         """``method(*args)`` on a replica; its result, or the service's own exception."""
         channels = dict(progress) if isinstance(progress, Mapping) else {MAIN: progress}
         deadline = time.monotonic() + self.deadline_s
-        why = "no try was made"
+        why, tries = "no try was made", 0
         for attempt in range(1 + self.retries):
             if is_cancelled(cancel):
                 raise CallCancelled("cancelled")
             self.last.info = {"tries": attempt + 1}
+            tries = attempt + 1
             try:
                 return self._try(method, args, channels, cancel, deadline)
             except _Lost as lost:
@@ -159,8 +160,9 @@ class RemoteCall:
                     break
                 channels.get(MAIN, no_progress)(0.0, f"the {self.deployment} worker stopped ({why}); "
                                                      "trying again on another one")
-        raise WorkerLost(f"The {self.deployment} worker running this request stopped ({why}), and a second worker "
-                         f"did not finish it either. Please try again in a minute.")
+        again = ", and a second worker did not finish it either" if tries > 1 else ""
+        raise WorkerLost(f"The {self.deployment} worker running this request stopped ({why}){again}. "
+                         "Please try again in a minute.")
 
     def _try(self, method: str, args: tuple, channels: dict[str, ProgressFn], cancel: CancelCheck,
              deadline: float) -> Any:
