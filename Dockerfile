@@ -11,12 +11,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     GRADIO_ANALYTICS_ENABLED=False \
     VOICE_STUDIO_MODELS_DIR=/app/models_cache \
-    HF_HOME=/app/models_cache/huggingface
+    HF_HOME=/app/models_cache/huggingface \
+    PYTHONPATH=/app
 
-# ffmpeg for video work (burned-in and muxed subtitles, probing uploads).
+# ffmpeg for video work (burned-in and muxed subtitles, probing uploads); wget for KubeRay's health probes
+# when the image runs Ray nodes (deploy/README.md). PYTHONPATH: Ray workers import the app's packages.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ffmpeg \
+    && apt-get install -y --no-install-recommends ffmpeg wget \
     && rm -rf /var/lib/apt/lists/*
 
 # An unprivileged user (uid 1000, as Hugging Face Docker Spaces expect).

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from pipelines.core.layout import SPACE_DATA_DIR  # standard library only: importing does no work
+from pipelines.serve.flags import ClusterError, add_ray_flags, ray_options  # standard library only
 
 ENV_PREFIX = "VOICE_STUDIO_"
 DEFAULT_PORT = 7860
 DEFAULT_QUEUE_SIZE = 64
 DEFAULT_MAX_UPLOAD_MB = 500.0
 DEFAULT_MAX_AUDIO_MINUTES = 180.0
-CONCURRENCY_KINDS = ("whisper", "image", "pose", "network")
+CONCURRENCY_KINDS = ("whisper", "image", "pose", "network", "batch")
 TRUE_WORDS = {"1", "true", "yes", "on"}
 
 log = logging.getLogger("voice_studio")
@@ -82,6 +83,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[s
     _model_flags(parser.add_argument_group("models"), environ, data_dir)
     _housekeeping_flags(parser.add_argument_group(
         "models folder housekeeping (these run, print and exit; no server)"))
+    add_ray_flags(parser.add_argument_group(
+        "Ray Serve: Whisper and image work in deployments across a Ray cluster (README, Ray Serve)"), environ)
     args = parser.parse_args(argv)
     if args.unused_days is not None and not (args.list_models or args.prune_models):
         parser.error("--unused-days goes with --list-models or --prune-models")
@@ -96,6 +99,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[s
     if args.whisper_int8 not in INT8_METHODS:  # argparse checks the choices of flags, not of defaults
         parser.error(f"VOICE_STUDIO_WHISPER_INT8: invalid choice '{args.whisper_int8}' "
                      f"(choose from {', '.join(INT8_METHODS)})")
+    args.ray_options = ray_options(args, environ, parser)
     args.space_id = environ.get("SPACE_ID") or None
     args.auth_env = environ.get(f"{ENV_PREFIX}AUTH") or None  # user:password lines, e.g. from a Space secret
     return args
@@ -117,8 +121,9 @@ def _serving_flags(group, environ: Mapping[str, str]) -> None:
                             "'busy, try again' (env VOICE_STUDIO_QUEUE_SIZE; default 64)")
     group.add_argument("--concurrency", type=_concurrency_pair, action="append", metavar="KIND=N", default=[],
                        help="requests of one kind run at once (for whisper and image: work slots; a few "
-                            "more may get their model ready meanwhile), repeatable: whisper=2 image=1 pose=1 "
-                            "network=4 (env VOICE_STUDIO_CONCURRENCY='whisper=2,image=1')")
+                            "more may get their model ready meanwhile; batch: batch subtitle jobs), repeatable: "
+                            "whisper=2 image=1 pose=1 network=4 batch=1 (env VOICE_STUDIO_CONCURRENCY="
+                            "'whisper=2,image=1')")
     group.add_argument("--preload", action="store_true", default=_env_flag(environ, "PRELOAD"),
                        help="load the default Whisper model in the background at start; the server answers "
                             "at once (env VOICE_STUDIO_PRELOAD=1)")
@@ -209,6 +214,10 @@ def make_services(args: argparse.Namespace):
         queue_size=args.queue_size,
         concurrency={**DEFAULT_CONCURRENCY, **dict(args.concurrency or [])},
     )
+    if getattr(args, "ray_options", None) is not None:  # models in Ray Serve replicas, this app their front end
+        from pipelines.serve.frontend import start_ray_services
+
+        return start_ray_services(settings, args.ray_options)
     return Services(settings)
 
 
@@ -261,11 +270,14 @@ def make_status_handler(services, preload: Preload):
         """Which Whisper models are loaded, and the state of the start-up preload (off, loading, ready, failed).
 
         Returns:
-            {"whisper_loaded": [[model, precision, device], ...], "preload": state, "shared": bool}
+            {"whisper_loaded": [[model, precision, device], ...], "preload": state, "shared": bool}; with
+            --ray also "mode": "ray" and "ray": the deployments, their replicas and the requests waiting.
         """
         loaded = [[("local folder" if services.settings.shared and looks_like_local_path(m) else m), p, d]
                   for m, p, d in services.whisper.loaded_keys()]
-        return {"whisper_loaded": loaded, "preload": preload.state, "shared": services.settings.shared}
+        ray = getattr(services, "status", None)  # Ray mode: {"mode": "ray", "ray": deployments, replicas, queues}
+        return {"whisper_loaded": loaded, "preload": preload.state, "shared": services.settings.shared,
+                **(ray() if callable(ray) else {})}
 
     return status
 
@@ -430,7 +442,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     try:
         serve(args)
-    except AuthConfigError as exc:  # a clear line, not a traceback (and never a password)
+    except (AuthConfigError, ClusterError) as exc:  # a clear line, not a traceback (and never a password)
         raise SystemExit(f"app.py: error: {exc}") from None
 
 

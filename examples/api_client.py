@@ -6,6 +6,7 @@
     python examples/api_client.py compare speech.mp3          # FP16 vs INT8: both texts and times
     python examples/api_client.py --server http://127.0.0.1:7860/ subtitles --video talk.mp4 --burn-in --out subs/
     python examples/api_client.py subtitles --url https://youtu.be/VIDEO_ID
+    python examples/api_client.py subtitles-batch talk1.mp4 talk2.mp4 --url https://www.youtube.com/playlist?list=ID --out subs/
     python examples/api_client.py voice-prompt prompt_de.wav
     python examples/api_client.py extract-pose person.jpg --out poses/
     python examples/api_client.py generate --prompt "a dancer on a beach" --pose poses/skeleton.png --steps 20
@@ -99,6 +100,23 @@ def subtitles(client, args) -> dict:
     return {"subtitles": cues, "files": _copy_out(_paths(files), args.out)}
 
 
+def subtitles_batch(client, args) -> dict:
+    """Several files and/or links at once; prints each item's line as the server reports it."""
+    job = client.submit(
+        files=[_file(f) for f in args.files] or None, links="\n".join(args.url) or None,
+        **_given(model=args.model, precision=args.precision, device=args.device, task=args.task,
+                 language=args.language, max_line_chars=args.max_line_chars, max_duration=args.max_duration),
+        api_name="/subtitles_batch")
+    shown = None
+    for table, _archive, summary in job:  # each update of the items' table while they run
+        if summary != shown and not args.json:
+            print(summary, file=sys.stderr)
+            shown = summary
+    table, archive, summary = job.result()
+    items = [dict(zip(table["headers"], row)) for row in table["data"]]
+    return {"summary": summary, "items": items, "files": _copy_out(_paths(archive), args.out)}
+
+
 def compare(client, args) -> dict:
     fp16_text, fp16_seconds, int8_text, int8_seconds, summary = client.predict(
         audio=_file(args.file), media_file=None,
@@ -143,6 +161,7 @@ def show(result: dict) -> str:
     if result.get("said"):
         lines.append(f"said: {result['said']}")
     lines += [f"{w['start']:8.2f} {w['end']:8.2f}  {w['text']}" for w in result.get("words", [])]
+    lines += [f"{item['#']}. {item['status']}: {item['source']} ({item['details']})" for item in result.get("items", [])]
     for key in ("files", "images", "pose"):
         lines += [f"file: {p}" for p in result.get(key, [])]
     return "\n".join(lines)
@@ -201,6 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--burn-in", action="store_true", help="also return a copy with the subtitles burned in")
     p.add_argument("--soft-track", action="store_true", help="also return a copy with a subtitle track")
     p.set_defaults(run=subtitles)
+
+    p = command("subtitles-batch", "subtitles for several files and/or YouTube links at once; a zip of them "
+                                   "(/subtitles_batch)")
+    p.add_argument("files", nargs="*", help="video or audio files")
+    p.add_argument("--url", action="append", default=[], help="a YouTube link or playlist link (repeatable)")
+    whisper_options(p)
+    p.add_argument("--max-line-chars", type=int)
+    p.add_argument("--max-duration", type=float, help="longest time one subtitle stays on screen, seconds")
+    p.set_defaults(run=subtitles_batch)
 
     p = command("voice-prompt", "spoken prompt in any language -> English prompt (/voice_prompt)")
     p.add_argument("file", help="a recording of the spoken prompt")

@@ -3,6 +3,10 @@
 Built by app.py and handed to the UI. One models folder layout (:mod:`pipelines.core.layout`) and
 one model pool (:mod:`pipelines.core.pool`) serve every domain: speech (Whisper), image (SD1.5 +
 ControlNet) and pose. Building them loads nothing: every model is converted and compiled on first use.
+
+With ``app.py --ray`` the same :class:`Services` is built once inside each Ray Serve replica (one pool
+per replica), and the front end gets :class:`pipelines.serve.frontend.RayServices` instead: the same
+attributes, whose services call the replicas (:mod:`pipelines.serve`).
 """
 from __future__ import annotations
 
@@ -24,8 +28,9 @@ from pipelines.speech.store import WhisperModelStore
 
 #: How many requests of each kind of work run at once (Gradio concurrency ids). Transcriptions and
 #: image generation have separate ids, so a long generation never holds up a transcription. For
-#: whisper and image these are the work slots (decoding, generating: pipelines/slots.py).
-DEFAULT_CONCURRENCY: dict[str, int] = {"whisper": 2, "image": 1, "pose": 1, "network": 4}
+#: whisper and image these are the work slots (decoding, generating: pipelines/slots.py); batch is how
+#: many batch subtitle jobs run at once (each runs its items through the whisper slots).
+DEFAULT_CONCURRENCY: dict[str, int] = {"whisper": 2, "image": 1, "pose": 1, "network": 4, "batch": 1}
 #: Requests of a kind that may get ready beside its busy work slots (download, convert or quantize a
 #: model; fetch a video and extract its audio): Gradio admits this many more than there are slots, so
 #: a model no one used yet does not hold up everyone whose model is ready.
@@ -34,6 +39,9 @@ DEFAULT_QUEUE_SIZE = 64
 #: Models of each kind kept loaded at once (Whisper's is --max-loaded-models).
 IMAGE_PIPELINES_LOADED = 1
 POSE_MODELS_LOADED = 2
+#: Items of a batch subtitle job worked on at once in one process (one downloads or extracts while
+#: another transcribes); on Ray a batch is as wide as the Whisper replicas take.
+EMBEDDED_BATCH_WIDTH = 2
 SLOT_NAMES = {speech_service.KIND: "transcription", image_service.KIND: "image generation"}
 #: The kinds of model users name (as ``Settings.check_model`` calls them) and a Hugging Face id of
 #: each kind, which a refusal suggests instead of a local path.
@@ -57,6 +65,8 @@ class Settings:
     allow_local_models: bool = True  # users may give local folders as model references
     queue_size: int = DEFAULT_QUEUE_SIZE  # requests waiting at most, over all kinds of work
     concurrency: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_CONCURRENCY))
+    #: Extra OpenVINO properties for every compiled model (a Ray replica sets its thread count here).
+    ov_config: dict = field(default_factory=dict)
 
     def queue_limit(self, kind: str) -> int:
         """Requests of ``kind`` Gradio lets in at once: its work slots, plus those that may get ready beside them."""
@@ -91,11 +101,17 @@ class Services:
                     pose.KIND: POSE_MODELS_LOADED},
             slots={kind: settings.concurrency[kind] for kind in SLOT_NAMES}, slot_names=SLOT_NAMES)
         store = WhisperModelStore(self.layout, int8_method=settings.whisper_int8)
-        self.whisper = WhisperService(store, pool=self.pool)
+        ov_config = settings.ov_config
+        self.whisper = WhisperService(store, pool=self.pool, ov_config=ov_config)
         self.image = ImageService(self.layout, sd_model=settings.sd_model, controlnet_model=settings.controlnet_model,
-                                  device=settings.default_device, pool=self.pool)
+                                  device=settings.default_device, pool=self.pool, ov_config=ov_config)
         self.pose = PoseService(self.layout, pose_model=settings.pose_model, device=settings.default_device,
-                                pool=self.pool)
+                                pool=self.pool, ov_config=ov_config)
+
+    @property
+    def batch_width(self) -> int:
+        """Items of a batch subtitle job worked on at once: one or two in one process."""
+        return max(1, min(EMBEDDED_BATCH_WIDTH, self.settings.concurrency[speech_service.KIND]))
 
     def release_all(self) -> None:
         """Unload every model (they load again on next use)."""

@@ -294,6 +294,26 @@ def test_concurrent_requests_build_once(tmp_path):
     assert len(calls) == 1 and results == [target] * 4
 
 
+def test_a_build_in_another_process_is_waited_for_and_said_so(tmp_path):
+    """Another process (another app, or a Ray replica on the same models folder) converting the model: this
+    request says it waits, waits, and uses that folder instead of building its own."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "m" / "fp16-x"
+    script = ("import sys, time; from pathlib import Path; from pipelines.core.cache import AtomicFolderCache\n"
+              "def build(tmp):\n    print('building', flush=True); time.sleep(2); (tmp / 'model.bin').write_bytes(b'ok')\n"
+              f"AtomicFolderCache(Path({str(tmp_path)!r})).get_or_build(Path({str(target)!r}), build)\n")
+    other = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent,
+                             stdout=subprocess.PIPE, text=True)
+    assert other.stdout.readline().strip() == "building"
+    waited, built = [], []
+    folder = AtomicFolderCache(tmp_path).get_or_build(target, lambda tmp: built.append(tmp),
+                                                       on_wait=lambda: waited.append(time.monotonic()))
+    assert other.wait(30) == 0
+    assert folder == target and (target / "model.bin").read_bytes() == b"ok" and len(waited) == 1 and built == []
+
+
 def test_every_file_is_on_disk_before_the_folder_is_named_ready(tmp_path, monkeypatch):
     """A power cut after the rename must not leave a 'ready' folder whose files were still in the page cache."""
     import os

@@ -20,12 +20,14 @@ import gradio as gr
 from pipelines.core.cache import folder_held, folder_in_use
 from pipelines.core.compare import PrecisionRun
 from pipelines.core.devices import available_devices, validate_device
-from pipelines.core.errors import DiskFull, ModelUnavailable
+from pipelines.core.errors import DiskFull, ModelUnavailable, ServiceUnavailable
 from pipelines.core.progress import ProgressFn
 from pipelines.core.types import ModelChoice, check_precision
 from pipelines.speech.catalogue import CATALOGUE, LANGUAGES
 from pipelines.speech.service import refuse_unsupported
 from pipelines.speech.types import TranscribeOptions
+from pipelines.subtitles.cues import CueRules
+from pipelines.subtitles.job import SubtitleRequest
 from pipelines.subtitles.video import MediaError
 from pipelines.subtitles.youtube import YouTubeError
 
@@ -104,9 +106,25 @@ def whisper_request(settings, model: Optional[str], precision: Optional[str], de
     return choice, request
 
 
+def subtitle_request(services, url, video_file, model, precision, device, task, language, max_line_chars,
+                     max_duration, burn_in=False, soft_track=False) -> SubtitleRequest:
+    """A subtitles request from the Subtitles tab's inputs (cue times follow the words)."""
+    choice, options = whisper_request(services.settings, model, precision, device, task, language,
+                                      word_timestamps=True)
+    return SubtitleRequest(
+        choice=choice, options=options,
+        rules=CueRules(max_line_chars=int(max_line_chars or 42), max_duration=float(max_duration or 6.0)),
+        url=url or None,
+        video_path=Path(video_file) if video_file else None,
+        burn_in=bool(burn_in),
+        soft_track=bool(soft_track),
+        max_seconds=services.settings.max_audio_seconds,
+    )
+
+
 # --------------------------------------------------------------------------- errors and progress
 #: Errors whose message is written for the user (what is wrong, what to do): shown as they are.
-USER_ERRORS = (ValueError, ModelUnavailable, DiskFull, YouTubeError, MediaError)
+USER_ERRORS = (ValueError, ModelUnavailable, DiskFull, YouTubeError, MediaError, ServiceUnavailable)
 
 
 @contextmanager

@@ -1,7 +1,6 @@
 """Tab 2: Video to subtitles. Endpoints ``/video_info``, ``/subtitles`` and ``/subtitles_compare`` (FP16 vs INT8)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import gradio as gr
@@ -9,10 +8,10 @@ import gradio as gr
 from pipelines.services import Services
 from pipelines.subtitles import job as subtitle_job
 from pipelines.subtitles import youtube
-from pipelines.subtitles.cues import CueRules
 
-from .common import (agreement_text, compare_columns, language_dropdown, progress_fn, speed_summary, task_radio,
-                     user_errors, whisper_pickers, whisper_request, working_dir)
+from .common import (agreement_text, compare_columns, language_dropdown, progress_fn, speed_summary,
+                     subtitle_request, task_radio, user_errors, whisper_pickers, working_dir)
+from .subtitles_batch import build_batch_section
 
 
 def make_info_handler(yt_factory=youtube.YouTube):
@@ -32,21 +31,6 @@ def make_info_handler(yt_factory=youtube.YouTube):
         return f"**{info.title}** by {info.author}, {minutes}:{seconds:02d}", info.thumbnail_url
 
     return video_info
-
-
-def _request(services: Services, url, video_file, model, precision, device, task, language, max_line_chars,
-             max_duration, burn_in=False, soft_track=False) -> subtitle_job.SubtitleRequest:
-    choice, options = whisper_request(services.settings, model, precision, device, task, language,
-                                      word_timestamps=True)  # cue times follow the words
-    return subtitle_job.SubtitleRequest(
-        choice=choice, options=options,
-        rules=CueRules(max_line_chars=int(max_line_chars or 42), max_duration=float(max_duration or 6.0)),
-        url=url or None,
-        video_path=Path(video_file) if video_file else None,
-        burn_in=bool(burn_in),
-        soft_track=bool(soft_track),
-        max_seconds=services.settings.max_audio_seconds,
-    )
 
 
 def cue_text(cues) -> str:
@@ -88,8 +72,8 @@ def make_subtitles_handler(services: Services, yt_factory=youtube.YouTube):
         """
         report = progress_fn(progress)
         with user_errors():
-            request = _request(services, url, video_file, model, precision, device, task, language, max_line_chars,
-                               max_duration, burn_in, soft_track)
+            request = subtitle_request(services, url, video_file, model, precision, device, task, language,
+                                       max_line_chars, max_duration, burn_in, soft_track)
             with working_dir("subtitles") as out_dir:
                 result = subtitle_job.make_subtitles(services.whisper, request, out_dir, report, yt_factory=yt_factory)
         files = [str(result.files[k]) for k in ("srt", "vtt", "burned", "muxed") if k in result.files]
@@ -136,8 +120,8 @@ def make_subtitles_compare_handler(services: Services, yt_factory=youtube.YouTub
         """
         report = progress_fn(progress)
         with user_errors():
-            request = _request(services, url, video_file, model, "fp16", device, task, language, max_line_chars,
-                               max_duration)
+            request = subtitle_request(services, url, video_file, model, "fp16", device, task, language,
+                                       max_line_chars, max_duration)
             with working_dir("subtitles-compare") as work_dir:
                 compared = subtitle_job.compare_subtitles(services.whisper, request, work_dir, report, yt_factory)
         fp16, int8 = compared.runs
@@ -197,3 +181,5 @@ def build_subtitles_tab(services: Services) -> None:
         concurrency_id="whisper",
         concurrency_limit=settings.queue_limit("whisper"),
     )
+    build_batch_section(services, settings_inputs=[model, precision, device, task, language, max_line_chars,
+                                                   max_duration])

@@ -172,6 +172,41 @@ def mark_used(folder: Path) -> None:
         pass
 
 
+@contextmanager
+def file_lock(path: Path, on_wait: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """An exclusive ``fcntl`` lock on ``path`` for the ``with`` block, across threads (each call opens
+    its own file) and processes, also on shared storage with working ``flock`` (NFSv4, CephFS, EFS).
+    ``on_wait()`` is called once when another holder has it, before waiting. The kernel drops the lock
+    of a process that dies, so a killed holder never blocks the others."""
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+COMPILE_LOCK = ".compile.lock"
+
+
+@contextmanager
+def compile_lock(cache_dir: Path) -> Iterator[None]:
+    """Hold for a compile that uses OpenVINO's model cache ``cache_dir`` (``CACHE_DIR``): compiles that
+    share one cache are taken one at a time, across threads and processes. OpenVINO 2026.4 is not safe
+    for two processes writing the same cache blob at once (measured with three processes compiling
+    one Whisper into a fresh cache: 1 of 9 failed with "filesystem error: cannot set permissions: No
+    such file or directory [.../<hash>.blob]"; none of 12 with this lock). The one that waited then
+    reads the blob the first wrote, which is fast."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with file_lock(cache_dir / COMPILE_LOCK):
+        yield
+
+
 def build_lock(folder: Path) -> Path:
     """The process lock file :class:`AtomicFolderCache` holds while it builds ``folder``."""
     return folder.parent / f".{folder.name}.lock"
@@ -217,14 +252,10 @@ class AtomicFolderCache:
             return self._locks.setdefault(folder, threading.Lock())
 
     @contextmanager
-    def _process_lock(self, folder: Path) -> Iterator[None]:
+    def _process_lock(self, folder: Path, on_wait: Callable[[], None] = lambda: None) -> Iterator[None]:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        with open(build_lock(folder), "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with file_lock(build_lock(folder), on_wait):
+            yield
 
     def _sweep_stale(self, folder: Path) -> None:
         for stale in folder.parent.glob(f"{BUILD_PREFIX}{folder.name}-*"):
@@ -235,16 +266,19 @@ class AtomicFolderCache:
         folder: Path,
         build: Callable[[Path], Optional[dict]],
         description: dict | None = None,
+        on_wait: Callable[[], None] = lambda: None,
     ) -> Path:
         """Return ``folder`` once it is complete, running ``build(tmp_folder)`` if it is not.
 
         ``build`` fills the temporary folder it is given and may return extra facts to record in
-        the marker file (e.g. which quantization method made it).
+        the marker file (e.g. which quantization method made it). ``on_wait()`` is called once when
+        another process (another app, or another replica on shared storage) is building it now and
+        this call waits for that build instead of starting its own.
         """
         folder = Path(folder)
         if self.use(folder):
             return folder
-        with self._thread_lock(folder), self._process_lock(folder):
+        with self._thread_lock(folder), self._process_lock(folder, on_wait):
             if self.use(folder):  # another thread or process finished it while we waited
                 return folder
             self._sweep_stale(folder)

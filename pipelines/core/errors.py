@@ -40,3 +40,9 @@ def unavailable(ref: str, what: str, how: str, error: BaseException | None = Non
                        "some space in the Hugging Face cache (HF_HOME) or the models folder and try again.") from error
     detail = f" ({type(error).__name__}: {error})" if error is not None else ""
     return ModelUnavailable(f"{what} '{ref}' is not available{detail}. {how}")
+
+
+class ServiceUnavailable(Exception):
+    """The workers that run models (Ray Serve replicas) cannot take or finish a request now: all are
+    busy with a full queue, or the one running it stopped (killed, out of memory) and a second try did
+    not finish either. The message says what happened and to try again."""

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 
+from pipelines.core.cache import compile_lock
 from pipelines.core.compare import PrecisionRun, compare_precisions
 from pipelines.core.devices import validate_device
 from pipelines.core.pool import ModelPool
@@ -75,8 +76,9 @@ class WhisperService:
     """Transcribes audio with Whisper on OpenVINO; models load lazily, once, bounded by the pool."""
 
     def __init__(self, store: WhisperModelStore, max_loaded: int = 3, guards: Optional[DecodeGuards] = None,
-                 workers: int = 2, pool: Optional[ModelPool] = None):
+                 workers: int = 2, pool: Optional[ModelPool] = None, ov_config: Optional[dict] = None):
         self.store = store
+        self.ov_config = dict(ov_config or {})  # extra OpenVINO properties (e.g. INFERENCE_NUM_THREADS)
         self.pool = pool or ModelPool({KIND: max_loaded}, {KIND: workers}, {KIND: "transcription"})
         self.slots = self.pool.slots(KIND)  # at most this many decode at once
         self.guards = guards or DecodeGuards()
@@ -142,12 +144,15 @@ class WhisperService:
     def _compile(self, resolved: ResolvedModel, device: str, words: bool) -> LoadedWhisper:
         """Build the pipeline, with word timestamps when ``words`` (the caller checked that the model's
         generation config has alignment heads: GenAI refuses word timestamps without them), and with
-        OpenVINO's compiled-model cache under the models folder, so a later start compiles faster."""
+        OpenVINO's compiled-model cache under the models folder, so a later start compiles faster.
+        Compiles into that cache take turns across processes (:func:`~pipelines.core.cache.compile_lock`)."""
         import openvino_genai as ov_genai
 
         start = time.perf_counter()
-        properties = {"CACHE_DIR": str(self.store.layout.compile_cache)}
-        pipeline = ov_genai.WhisperPipeline(str(resolved.path), device, word_timestamps=words, **properties)
+        cache_dir = self.store.layout.compile_cache
+        properties = {**self.ov_config, "CACHE_DIR": str(cache_dir)}
+        with compile_lock(cache_dir):
+            pipeline = ov_genai.WhisperPipeline(str(resolved.path), device, word_timestamps=words, **properties)
         config = pipeline.get_generation_config()
         return LoadedWhisper(
             pipeline=pipeline, resolved=resolved, device=device, multilingual=bool(config.is_multilingual),

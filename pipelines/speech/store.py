@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from pipelines.core.cache import READY_MARKER, folder_fingerprint, scratch_folder, sweep_scratch
 from pipelines.core.errors import ModelUnavailable
@@ -95,6 +95,14 @@ class WhisperModelStore:
     def folder_for(self, reference: str, revision: str, precision: str) -> Path:
         return self.layout.whisper(reference, revision, precision)
 
+    def _get_or_build(self, target: Path, build: Callable[[Path], dict], progress: ProgressFn) -> Path:
+        """``target`` from the cache, built once; says so when another process (another app, or another
+        replica sharing this models folder) is building it now and this request waits for it."""
+        def waiting() -> None:
+            progress(0.05, f"another worker is converting {target.parent.parent.name} ({target.name}); waiting for it")
+
+        return self.cache.get_or_build(target, build, on_wait=waiting)
+
     # -- sources ----------------------------------------------------------------------------
     def _local(self, folder: Path, progress: ProgressFn) -> ResolvedModel:
         folder = folder.resolve()
@@ -115,13 +123,13 @@ class WhisperModelStore:
                     self._export(hf_dir, tmp, progress)
                 return {"source": "ct2", "reference": str(folder)}
 
-            return ResolvedModel(str(folder), self.cache.get_or_build(target, build), "local-ct2", revision)
+            return ResolvedModel(str(folder), self._get_or_build(target, build, progress), "local-ct2", revision)
         if _is_hf_whisper(folder):
             def build(tmp: Path) -> dict:
                 self._export(folder, tmp, progress)
                 return {"source": "hf", "reference": str(folder)}
 
-            return ResolvedModel(str(folder), self.cache.get_or_build(target, build), "local-hf", revision)
+            return ResolvedModel(str(folder), self._get_or_build(target, build, progress), "local-hf", revision)
         raise ModelUnavailable(
             f"{folder} does not hold a Whisper model: expected a Hugging Face checkpoint (config.json with "
             "model_type 'whisper'), a CTranslate2 checkpoint (model.bin + config.json) or OpenVINO IR "
@@ -149,7 +157,7 @@ class WhisperModelStore:
                 self._export(hf_dir, tmp, progress)
             return {"source": "bundled", "reference": reference, "package_version": spec.version}
 
-        return self.cache.get_or_build(target, build)
+        return self._get_or_build(target, build, progress)
 
     def _hub(self, repo_id: str, revision: str, progress: ProgressFn) -> Path:
         target = self.folder_for(repo_id, revision, "fp16")
@@ -160,7 +168,7 @@ class WhisperModelStore:
             self._export(Path(snapshot), tmp, progress)
             return {"source": "hub", "reference": repo_id, "revision": revision, "snapshot": str(snapshot)}
 
-        return self.cache.get_or_build(target, build)
+        return self._get_or_build(target, build, progress)
 
     # -- steps ------------------------------------------------------------------------------
     def _download(self, repo_id: str, revision: str) -> str:
@@ -256,7 +264,7 @@ class WhisperModelStore:
             progress(0.5, "compress the decoder's weights to INT8")
             return self._compress_decoder(base.path, tmp)
 
-        return self.cache.get_or_build(target, build)
+        return self._get_or_build(target, build, progress)
 
     def int8_folder_for(self, base: ResolvedModel) -> Path:
         """Where the INT8 model made from ``base`` is cached: beside the FP16 folder of the same revision.

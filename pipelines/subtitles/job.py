@@ -117,8 +117,9 @@ def compare_subtitles(whisper: WhisperService, request: SubtitleRequest, work_di
 
 
 def fetch_source(request: SubtitleRequest, work_dir: Path, progress: ProgressFn = no_progress,
-                 yt_factory: Callable[[str], Any] = youtube.YouTube) -> Source:
-    """Step 1, the source media: a YouTube download (audio, and a small preview) or the uploaded file."""
+                 yt_factory: Callable[[str], Any] = youtube.YouTube, preview: bool = True) -> Source:
+    """Step 1, the source media: a YouTube download (audio, and with ``preview`` a small video to play
+    the subtitles with) or the uploaded file."""
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     if request.url and request.url.strip():
         url = youtube.normalize_youtube_url(request.url)  # raises for any non-YouTube link
@@ -126,6 +127,8 @@ def fetch_source(request: SubtitleRequest, work_dir: Path, progress: ProgressFn 
         info = youtube.fetch_info(url, yt_factory=yt_factory)
         _refuse_longer(info.length_seconds, request.max_seconds)
         media = youtube.download_audio(url, work_dir, yt_factory=yt_factory, progress=scaled(progress, 0.02, 0.2))
+        if not preview:
+            return Source(media, media, info)
         try:
             player = youtube.download_preview(url, work_dir, yt_factory=yt_factory,
                                               progress=scaled(progress, 0.2, 0.25))

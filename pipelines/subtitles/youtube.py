@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 from urllib.parse import parse_qs, urlsplit
 
-from pytubefix import YouTube
+from pytubefix import Playlist, YouTube
 
 from pipelines.core.progress import ProgressFn
 from pipelines.subtitles.youtube_errors import (AgeRestrictedVideo, BotDetectedError, InvalidYouTubeURL, LiveStreamVideo,
@@ -55,10 +55,13 @@ __all__ = [
     "fetch_info",
     "download_audio",
     "download_preview",
+    "playlist_id",
+    "playlist_video_urls",
 ]
 
 PathLike = Union[str, Path]
 YouTubeFactory = Callable[[str], Any]
+PlaylistFactory = Callable[[str], Any]  # url -> an object with ``video_urls`` (pytubefix.Playlist)
 
 #: Hosts accepted in links (lower case, without a port).
 YOUTUBE_HOSTS: frozenset[str] = frozenset({
@@ -67,6 +70,7 @@ YOUTUBE_HOSTS: frozenset[str] = frozenset({
 })
 _SHORT_HOSTS = frozenset({"youtu.be", "www.youtu.be"})
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{11}$")
+_LIST_RE = re.compile(r"^[A-Za-z0-9_-]{10,64}$")
 # Path prefixes whose next part is the video id: /shorts/ID, /embed/ID, /live/ID, /v/ID, /e/ID.
 _ID_PATHS = ("shorts", "embed", "live", "v", "e")
 # Audio bitrates (kbps) up to this are "modest": plenty for speech recognition at 16 kHz.
@@ -142,6 +146,46 @@ def normalize_youtube_url(url: str) -> str:
         InvalidYouTubeURL: Not a YouTube host, malformed link, playlist/channel link or bad id.
     """
     return f"https://www.youtube.com/watch?v={extract_video_id(url)}"
+
+
+def playlist_id(url: str) -> Optional[str]:
+    """The list id when ``url`` is a link to a YouTube playlist page (``youtube.com/playlist?list=ID``),
+    else None. A video link that also names a playlist (``watch?v=ID&list=...``) is that one video."""
+    text = (url or "").strip()
+    if "://" not in text and not text.startswith("//"):
+        text = "https://" + text
+    try:
+        parts = urlsplit(text)
+        host = (parts.hostname or "").lower().rstrip(".")
+    except ValueError:
+        return None
+    if host not in YOUTUBE_HOSTS or parts.username or [p for p in parts.path.split("/") if p] != ["playlist"]:
+        return None
+    values = parse_qs(parts.query).get("list") or [""]
+    return values[0] if _LIST_RE.match(values[0]) else None
+
+
+def playlist_video_urls(url: str, playlist_factory: PlaylistFactory = Playlist, limit: int = 500) -> list[str]:
+    """The links of a playlist's videos (``https://www.youtube.com/watch?v=ID``), in the playlist's
+    order, at most ``limit`` of them (the page is read no further).
+
+    Raises:
+        InvalidYouTubeURL: ``url`` is not a playlist link.
+        YouTubeError: The playlist could not be read (private, removed, network, ...), or it is empty.
+    """
+    list_id = playlist_id(url)
+    if list_id is None:
+        raise InvalidYouTubeURL("This is not a link to a YouTube playlist (https://www.youtube.com/playlist?list=…).")
+    urls: list[str] = []
+    with translated_errors():
+        for video_url in playlist_factory(f"https://www.youtube.com/playlist?list={list_id}").video_urls:
+            urls.append(normalize_youtube_url(video_url))
+            if len(urls) >= limit:
+                break
+    if not urls:
+        raise VideoUnavailableError("This YouTube playlist shows no videos: it may be private, empty or removed. "
+                                    "Open it in a browser to check, or paste the videos' links instead.")
+    return urls
 
 
 # --------------------------------------------------------------------------- info
