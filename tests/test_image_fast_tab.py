@@ -237,9 +237,11 @@ def test_gradio_client_int8_refused_when_memory_is_short(client, services, skele
     from pipelines.image.calibration import SDCalibration
 
     # the server runs in this process: a calibration never used (its INT8 pair would have to be made), and
-    # less memory than making it needs
+    # less memory than making it needs; no INT8 pipeline loaded (one loaded would serve without quantizing)
+    services.image.release()
     monkeypatch.setattr(services.image, "calibration", SDCalibration(subset_size=5, steps=5, width=256, height=256))
     monkeypatch.setenv("VOICE_STUDIO_AVAILABLE_MEMORY_GB", "0.25")
     settings = {**FAST_ARGS, "prompt": PROMPT, "pose": handle_file(str(skeleton_png))}
     with pytest.raises(Exception, match="Not enough free memory for making the INT8 image models.*FP16 works"):
         client.predict(**settings, precision="int8", mode="fast", api_name="/generate_image")
+    assert services.image.loaded() == [] and services.image.slots.waiting == 0

@@ -115,6 +115,8 @@ def test_int8_is_refused_with_a_message_when_the_memory_is_short(cache_root, tin
 
 
 def _fake_quantize_ranges(xml: Path) -> dict[str, list]:
+    """The ranges of the FakeQuantize feeding each input of each operation (keyed by that input: reshaping
+    a model merges two identical FakeQuantize nodes on the same tensor into one, the same computation)."""
     import openvino as ov
 
     ranges = {}
@@ -127,7 +129,8 @@ def _fake_quantize_ranges(xml: Path) -> dict[str, list]:
             while node.get_type_name() == "Convert":
                 node = node.input_value(0).get_node()
             values.append(np.asarray(node.get_data(), dtype=np.float32))
-        ranges[op.get_friendly_name()] = values
+        for target in op.output(0).get_target_inputs():
+            ranges[f"{target.get_node().get_friendly_name()}:{target.get_index()}"] = values
     return ranges
 
 
@@ -200,3 +203,20 @@ def test_fast_int8_pair_is_made_in_child_processes_calibrated_the_fast_way(cache
     assert "Precision: INT8" in read_png_metadata(path)["parameters"]
     fp16 = service.generate(options, pose_image)
     assert np.abs(np.asarray(fp16.images[0], np.float64) - np.asarray(result.images[0], np.float64)).mean() > 0
+
+
+def test_fast_int8_folder_key_has_the_lora_its_revision_and_scale(tmp_path):
+    """Fast mode's INT8 pair is its own cache folder per LoRA, LoRA revision and scale (and never Quality's)."""
+    from pipelines.core.layout import ModelsLayout
+    from pipelines.image.lora import lora_scale_tag
+
+    layout = ModelsLayout.of(tmp_path)
+    sd, cn = tmp_path / "sd15" / "sd--main--v--fp16", tmp_path / "controlnet" / "cn--main--v--fp16"
+    lcm = {(lora, rev, scale): layout.sd_lcm(sd, lora, rev, lora_scale_tag(scale))
+           for lora in ("latent-consistency/lcm-lora-sdv1-5", "/data/my-lora")
+           for rev in ("abc123", "def456") for scale in (1.0, 0.5)}
+    folders = {layout.sd_int8(sd, cn, "key", lcm_folder=folder) for folder in lcm.values()}
+    assert len(folders) == len(lcm) == 8
+    assert layout.sd_int8(sd, cn, "key") not in folders
+    assert all(folder.parent == layout.sd_int8(sd, cn, "key").parent for folder in folders)
+    assert lcm[("latent-consistency/lcm-lora-sdv1-5", "abc123", 0.5)].name.endswith("--scale0.5")
