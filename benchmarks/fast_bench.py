@@ -319,7 +319,10 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 2)
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     found = prepare_models(args)
-    quantized = [quantize(kind, found, args) for kind in args.quantize]
+    quantized = []
+    for kind in args.quantize:
+        quantized.append(quantize(kind, found, args))
+        print(f"quantized: {json.dumps(quantized[-1], default=str)} | load {os.getloadavg()}", flush=True)
     if found["ir"]["int8"] is not None:
         args.int8 = str(found["ir"]["int8"])
     rows = run_rounds(args.systems, found, args) if args.systems else {}

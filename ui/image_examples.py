@@ -4,7 +4,7 @@ press Generate without recording a prompt or preparing a pose.
 The skeletons are the keypoint sets of ``pipelines/image/data/calibration_poses.json`` drawn at 512x512
 with the app's own OpenPose drawing (controlnet-aux's), committed as small PNGs in ``ui/examples/``
 (drawing them here would import the pose code's model runtime when the page is built);
-``tests/test_image_fast.py`` checks that they are those drawings.
+``tests/test_image_fast_tab.py`` checks that they are those drawings.
 """
 from __future__ import annotations
 
