@@ -180,11 +180,17 @@ def test_fast_int8_pair_is_made_in_child_processes_calibrated_the_fast_way(cache
     service = _service(cache_root, tiny_models, fast_models)
     messages = []
     options = ImageOptions(prompt=PROMPT, steps=4, guidance_scale=1.0, width=256, height=256, seed=5, mode="fast")
+    # another test of the session (the Fast compare panel) may have made this pair first: then it is only loaded
+    fp16 = service.model_folders(mode="fast")
+    made_here = not service.layout.sd_int8(fp16["sd"], fp16["controlnet"], CALIBRATION.for_mode("fast").load().key,
+                                           lcm_folder=fp16["lcm"]).exists()
     result = service.generate(options, pose_image, precision="int8", load_progress=lambda f, m: messages.append(m))
     assert result.extra["precision"] == "int8" and result.extra["mode"] == "fast"
     assert np.asarray(result.images[0], dtype=np.float64).std() > 1.0
     folders = service.model_folders(precision="int8", mode="fast")
     int8 = folders["int8"]
+    assert int8 == service.layout.sd_int8(fp16["sd"], fp16["controlnet"], CALIBRATION.for_mode("fast").load().key,
+                                          lcm_folder=fp16["lcm"])
     assert "--lcm-" in int8.name and int8.parent.name == ir_folders["sd"].name
     assert int8 != service.layout.sd_int8(ir_folders["sd"], ir_folders["controlnet"],
                                           CALIBRATION.load().key)  # not Quality's pair
@@ -196,8 +202,9 @@ def test_fast_int8_pair_is_made_in_child_processes_calibrated_the_fast_way(cache
     assert low["child_processes"] is True and low["statistics_chunks"] == {"controlnet": 4, "unet": 4}  # batch 1
     assert set(low["peak_rss_mb"]) == {"gather", "controlnet", "unet"} and min(low["peak_rss_mb"].values()) > 100
     assert low["needed_gb"] == 1.0 and marker["int8_ops"]["unet"]["fake_quantize"] > 10
-    assert any("Calibrating: FP16 image 1 of 1" in m for m in messages), messages
-    assert any("Quantizing the UNet" in m for m in messages)
+    if made_here:
+        assert any("Calibrating: FP16 image 1 of 1" in m for m in messages), messages
+        assert any("Quantizing the UNet" in m for m in messages)
     assert not (int8 / ".calibration").exists()
     (path,) = result.save(tmp_path)
     assert "Precision: INT8" in read_png_metadata(path)["parameters"]
