@@ -100,6 +100,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[s
         parser.error(f"VOICE_STUDIO_WHISPER_INT8: invalid choice '{args.whisper_int8}' "
                      f"(choose from {', '.join(INT8_METHODS)})")
     args.ray_options = ray_options(args, environ, parser)
+    if args.fast_decoder not in ("taesd", "vae"):
+        parser.error(f"VOICE_STUDIO_FAST_DECODER: invalid choice '{args.fast_decoder}' (choose from taesd, vae)")
     args.space_id = environ.get("SPACE_ID") or None
     args.auth_env = environ.get(f"{ENV_PREFIX}AUTH") or None  # user:password lines, e.g. from a Space secret
     return args
@@ -151,6 +153,7 @@ def _limit_flags(group, environ: Mapping[str, str]) -> None:
 
 def _model_flags(group, environ: Mapping[str, str], data_dir: Path) -> None:
     from pipelines.core.layout import default_models_dir
+    from pipelines.image.convert import DEFAULT_LCM_LORA, DEFAULT_TAESD
     from pipelines.speech.catalogue import INT8_METHODS
 
     env = environ.get
@@ -167,6 +170,16 @@ def _model_flags(group, environ: Mapping[str, str], data_dir: Path) -> None:
                        help="how INT8 Whisper is made: decoder-weights (INT8 decoder weights, FP16 encoder: the "
                             "fastest and most accurate on AVX-512/AMX CPUs) or calibrated (NNCF post-training "
                             "quantization of the encoder, calibrated on speech) (env VOICE_STUDIO_WHISPER_INT8)")
+    group.add_argument("--lcm-lora", default=env(f"{ENV_PREFIX}LCM_LORA") or DEFAULT_LCM_LORA,
+                       help="the image tab's Fast mode LoRA: a Hugging Face id or a local folder / .safetensors file "
+                            f"(env VOICE_STUDIO_LCM_LORA; default {DEFAULT_LCM_LORA})")
+    group.add_argument("--taesd", default=env(f"{ENV_PREFIX}TAESD") or DEFAULT_TAESD,
+                       help="the tiny decoder of live previews and Fast mode: a Hugging Face id or a local folder "
+                            f"(env VOICE_STUDIO_TAESD; default {DEFAULT_TAESD})")
+    group.add_argument("--fast-decoder", choices=("taesd", "vae"),
+                       default=env(f"{ENV_PREFIX}FAST_DECODER") or "taesd",
+                       help="Fast mode's final image: taesd (the tiny decoder, about 30x faster) or vae (the full "
+                            "VAE, finer detail) (env VOICE_STUDIO_FAST_DECODER)")
     group.add_argument("--max-loaded-models", type=_positive(int),
                        default=env(f"{ENV_PREFIX}MAX_LOADED_MODELS") or "3",
                        help="Whisper pipelines kept loaded at once; subtitles use a second pipeline of a model, "
@@ -209,6 +222,7 @@ def make_services(args: argparse.Namespace):
         max_loaded_whisper=args.max_loaded_models,
         max_audio_seconds=args.max_audio_minutes * 60.0,
         whisper_int8=args.whisper_int8,
+        lcm_lora=args.lcm_lora, taesd=args.taesd, fast_decoder=args.fast_decoder,
         shared=shared,
         allow_local_models=args.allow_local_models or not shared,
         queue_size=args.queue_size,

@@ -18,7 +18,7 @@ from pipelines.core.layout import ModelsLayout
 from pipelines.core.pool import ModelPool
 from pipelines.core.security import check_model_reference
 from pipelines.image import pose, service as image_service
-from pipelines.image.convert import DEFAULT_CONTROLNET, DEFAULT_POSE_MODEL, DEFAULT_SD_MODEL
+from pipelines.image.convert import DEFAULT_CONTROLNET, DEFAULT_LCM_LORA, DEFAULT_POSE_MODEL, DEFAULT_SD_MODEL, DEFAULT_TAESD
 from pipelines.image.pose import PoseService
 from pipelines.image.service import ImageService
 from pipelines.speech import service as speech_service
@@ -60,6 +60,9 @@ class Settings:
     sd_model: str = DEFAULT_SD_MODEL
     controlnet_model: str = DEFAULT_CONTROLNET
     pose_model: str = DEFAULT_POSE_MODEL
+    lcm_lora: str = DEFAULT_LCM_LORA  # Fast mode's LoRA: a hub id or a local folder / .safetensors file
+    taesd: str = DEFAULT_TAESD  # the tiny decoder of live previews and Fast mode: a hub id or a local folder
+    fast_decoder: str = "taesd"  # Fast mode's final image: "taesd", or "vae" (the full VAE: slower)
     # Serving (see app.py and pipelines/security.py).
     shared: bool = False  # reachable by others: non-loopback host, share link or a Hugging Face Space
     allow_local_models: bool = True  # users may give local folders as model references
@@ -104,7 +107,8 @@ class Services:
         ov_config = settings.ov_config
         self.whisper = WhisperService(store, pool=self.pool, ov_config=ov_config)
         self.image = ImageService(self.layout, sd_model=settings.sd_model, controlnet_model=settings.controlnet_model,
-                                  device=settings.default_device, pool=self.pool, ov_config=ov_config)
+                                  device=settings.default_device, pool=self.pool, ov_config=ov_config,
+                                  lcm_lora=settings.lcm_lora, taesd=settings.taesd, fast_decoder=settings.fast_decoder)
         self.pose = PoseService(self.layout, pose_model=settings.pose_model, device=settings.default_device,
                                 pool=self.pool, ov_config=ov_config)
 

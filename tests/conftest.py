@@ -86,6 +86,17 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def fast_models(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """Fast mode's tiny models (tests/image_fixtures.py): a random LoRA with the LCM-LoRA's structure for the
+    tiny UNet (rank 4, alpha 8: a scale of 2 read from its metadata) and a tiny random TAESD."""
+    import image_fixtures as fx
+
+    root = tmp_path_factory.mktemp("tiny-fast-models")
+    return {"lcm_lora": fx.build_random_lora(tiny_models["sd"] / "unet", root / "lcm-lora"),
+            "taesd": fx.build_tiny_taesd(root / "taesd")}
+
+
+@pytest.fixture(scope="session")
 def cache_root(models_dir) -> Path:
     """The image tests' models cache: the session's, so each tiny model is converted once."""
     return models_dir

@@ -240,3 +240,57 @@ def known_detection(scale: float = 1.0):
     candidate = np.array([[x * scale, y * scale, 0.9, i] for i, (x, y) in enumerate(PERSON_KEYPOINTS)], dtype=float)
     subset = np.array([list(range(18)) + [0.9 * 18, 18]], dtype=float)
     return candidate, subset
+
+
+# --------------------------------------------------------------------------------------------
+# Fast mode: a random LCM-LoRA and a tiny TAESD
+# --------------------------------------------------------------------------------------------
+
+# A TAESD (diffusers AutoencoderTiny) with 8 channels and one block per level: the real one's layout
+# (4 levels, latent / 8) at a fraction of its 1.2 M decoder parameters.
+TINY_TAESD = dict(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                  num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1))
+
+
+def build_tiny_taesd(folder: Path, seed: int = 3, **config) -> Path:
+    """A random-weight ``AutoencoderTiny`` saved like ``madebyollin/taesd`` (config.json + safetensors);
+    ``config`` overrides the tiny layout (``{}`` with ``TINY_TAESD`` cleared gives the real size)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    AutoencoderTiny(**{**TINY_TAESD, **config}).save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
+def build_random_lora(unet_folder: Path, out_dir: Path, *, rank: int = 4, alpha: int = 8, seed: int = 0,
+                      std: float = 0.3, target_modules=None) -> Path:
+    """A random LoRA with the LCM-LoRA's structure (peft ``LoraConfig`` on the UNet's 14 module kinds of
+    diffusers' LCM training script) for the UNet of ``unet_folder``, saved in the diffusers LoRA format
+    (``pytorch_lora_weights.safetensors``, peft keys + adapter metadata with the alpha) as diffusers'
+    ``save_lora_weights`` writes it. Only the architecture matters: the UNet is built on the ``meta``
+    device. ``lora_B`` gets random values too (peft starts it at zero: fusing would change nothing).
+
+    The peft state dict is saved as it is: renamed by ``convert_state_dict_to_diffusers`` first, its
+    attention keys are silently dropped by diffusers 0.39's loader (its own pipeline's too)."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from pipelines.image.lora import LCM_LORA_TARGET_MODULES
+
+    targets = sorted(target_modules or LCM_LORA_TARGET_MODULES)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(json.loads((Path(unet_folder) / "config.json").read_text()))
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
+    unet.add_adapter(config)
+    generator = torch.Generator().manual_seed(seed)
+    state = {key: torch.randn(value.shape, generator=generator) * std
+             for key, value in get_peft_model_state_dict(unet).items()}
+    kept = ("r", "lora_alpha", "target_modules", "lora_dropout", "use_dora", "rank_pattern", "alpha_pattern")
+    metadata = {key: value for key, value in config.to_dict().items() if key in kept}
+    metadata["target_modules"] = targets
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=state, safe_serialization=True,
+                                              unet_lora_adapter_metadata=metadata)
+    return Path(out_dir)

@@ -31,7 +31,8 @@ from pipelines.core.cache import versions_key  # noqa: E402
 from pipelines.core.errors import ModelUnavailable  # noqa: E402
 from pipelines.core.layout import ModelsLayout  # noqa: E402
 from pipelines.image import sources  # noqa: E402
-from pipelines.image.pipeline import OVControlNetPipeline, make_scheduler  # noqa: E402
+from pipelines.image.denoise import make_scheduler  # noqa: E402
+from pipelines.image.pipeline import OVControlNetPipeline  # noqa: E402
 from pipelines.image.request import (SCHEDULER_NAMES, GenerationCancelled, ImageOptions, check_inputs,  # noqa: E402
                                      read_png_metadata, save_png)
 from pipelines.image.service import ImageService  # noqa: E402
@@ -655,6 +656,6 @@ def test_dynamic_shape_ir_matches_static_compilation(ir_folders, ov_pipe, pose_i
         assert a.size == b.size == (width, height) and _mad(a, b) < 0.1
     # compile() ahead of time for a size: the next request of that size needs no compilation.
     ov_pipe.compile(width=320, height=256)
-    compiled_unet = ov_pipe._compiled["unet"][1]
+    compiled_unet = ov_pipe.components.compiled_now("unet")
     ov_pipe(replace(base_result.options, width=320, height=256), pose_image)
-    assert ov_pipe._compiled["unet"][1] is compiled_unet
+    assert ov_pipe.components.compiled_now("unet") is compiled_unet

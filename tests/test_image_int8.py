@@ -212,7 +212,7 @@ def test_int8_pipeline_makes_valid_deterministic_images(int8_service, int8_first
     # On a CPU whose INT8 matmul kernel is no faster than fp32 (AVX2 without VNNI), the denoisers'
     # INT8 matmuls run as INT8 1x1 convolutions; elsewhere as INT8 fully connected layers.
     for name in ("unet", "controlnet"):
-        compiled = pipeline._compiled[name][1]  # as the requests above compiled it
+        compiled = pipeline.components.compiled_now(name)  # as the requests above compiled it
         int8_fc = [kind for kind, precision in runtime_layers(compiled)
                    if kind.startswith("FullyConnected") and precision in ("u8", "i8")]
         if cpu_int8.matmuls_as_convolutions("CPU"):

@@ -76,9 +76,9 @@ def generate(image_services):
     def run(prompt=PROMPT, pose=None, seed=7, negative_prompt="", sd_model="", controlnet_model="", device="CPU",
             request=None, progress=QUIET["progress"], **settings):
         s = {**FAST, **settings}
-        return handler(prompt, negative_prompt, pose, s["steps"], s["guidance_scale"], seed, s["controlnet_scale"],
-                       s["num_images"], s["width"], s["height"], s["scheduler"], sd_model, controlnet_model, device,
-                       request=request, progress=progress)
+        return final(handler(prompt, negative_prompt, pose, s["steps"], s["guidance_scale"], seed,
+                             s["controlnet_scale"], s["num_images"], s["width"], s["height"], s["scheduler"], sd_model,
+                             controlnet_model, device, request=request, progress=progress))
 
     return run
 
@@ -87,6 +87,14 @@ def generate(image_services):
 def first_batch(generate, skeleton):
     """Two images, seeds 7 and 8, at the smallest allowed size."""
     return generate(pose=skeleton, seed=7, num_images=2)
+
+
+def final(outputs):
+    """The last outputs of a streaming handler (live previews first): what gradio_client's predict returns."""
+    value = None
+    for value in outputs:
+        pass
+    return value
 
 
 def pixels(path) -> np.ndarray:
@@ -297,8 +305,8 @@ def test_cancel_stops_only_this_sessions_generation(image_services, generate, sk
 
     def run():
         try:
-            outcome["result"] = handler(PROMPT, "", skeleton, 100, 7.5, 3, 1.0, 1, 256, 256, "UniPC", "", "", "CPU",
-                                        request=session("alice"), progress=progress)
+            outcome["result"] = final(handler(PROMPT, "", skeleton, 100, 7.5, 3, 1.0, 1, 256, 256, "UniPC", "", "",
+                                              "CPU", request=session("alice"), progress=progress))
         except Exception as exc:  # noqa: BLE001 - the test inspects it
             outcome["error"] = exc
 
@@ -321,8 +329,8 @@ def test_cancel_stops_only_this_sessions_generation(image_services, generate, sk
     assert steps_done[-1] < 100
     assert cancel(request=session("alice")) == "Nothing to cancel."  # the flag is cleared after the run
     # The next generation of that session runs normally.
-    paths, _ = handler(PROMPT, "", skeleton, 3, 7.5, 7, 1.0, 1, 256, 256, "UniPC", "", "", "CPU",
-                       request=session("alice"), **QUIET)
+    paths, _ = final(handler(PROMPT, "", skeleton, 3, 7.5, 7, 1.0, 1, 256, 256, "UniPC", "", "", "CPU",
+                             request=session("alice"), **QUIET))
     assert np.array_equal(pixels(paths[0]), pixels(first_batch[0][0]))
 
 
@@ -483,14 +491,14 @@ def test_generate_int8_switch_runs_the_int8_image_models(int8_services, skeleton
 
     steps = Steps()
     args = _fast_args(skeleton)
-    paths, summary = make_generate_handler(int8_services, CancelRegistry())(*args, "int8", progress=steps)
+    paths, summary = final(make_generate_handler(int8_services, CancelRegistry())(*args, "int8", progress=steps))
     meta = read_png_metadata(paths[0])
     assert "Precision: INT8" in meta["parameters"] and meta["settings"]["precision"] == "int8"
     assert summary.endswith("INT8") and "s per step" in summary
     assert (tiny_refs["sd"], tiny_refs["controlnet"], "CPU", "int8") in int8_services.image.loaded()
     assert any("first INT8 use quantizes them: this can take a few minutes" in m for m in steps.messages), steps.messages
     # the FP16 default is unchanged
-    paths, summary = make_generate_handler(int8_services, CancelRegistry())(*args, progress=steps)
+    paths, summary = final(make_generate_handler(int8_services, CancelRegistry())(*args, progress=steps))
     assert "Precision: FP16" in read_png_metadata(paths[0])["parameters"] and summary.endswith("FP16")
 
 
@@ -526,7 +534,7 @@ def test_image_precision_and_compare_errors_are_clear_and_load_nothing(int8_serv
     int8_services.release_all()
     args = _fast_args(skeleton)
     with pytest.raises(gr.Error, match="Precision 'fp32' is not offered; choose one of fp16, int8"):
-        make_generate_handler(int8_services, CancelRegistry())(*args, "fp32", **QUIET)
+        final(make_generate_handler(int8_services, CancelRegistry())(*args, "fp32", **QUIET))
     compare = make_generate_compare_handler(int8_services, CancelRegistry())
     with pytest.raises(gr.Error, match="prompt is empty"):
         compare(" ", *args[1:], **QUIET)
@@ -547,7 +555,7 @@ def test_shared_server_checks_the_voice_prompt_and_image_models(models_dir, engl
         make_voice_prompt_handler(shared)(str(english_clip), "/srv/whisper", "CPU", **QUIET)
     with pytest.raises(gr.Error, match="shared, so a Stable Diffusion model cannot be loaded.*"
                                        "'stable-diffusion-v1-5/stable-diffusion-v1-5'"):
-        make_generate_handler(shared, CancelRegistry())(*_fast_args()[:11], tiny_refs["sd"], "", "CPU", **QUIET)
+        final(make_generate_handler(shared, CancelRegistry())(*_fast_args()[:11], tiny_refs["sd"], "", "CPU", **QUIET))
     assert shared.whisper.loaded_keys() == [] and shared.image.loaded() == []
     # every Whisper picker, the image tab's included, offers no local folders there
     infos = [c["props"].get("info") for c in build_app(shared).config["components"]

@@ -174,5 +174,5 @@ def test_the_snapshot_is_a_real_api_description():
     snapshot = read_snapshot()
     assert "/transcribe" in snapshot and "/generate_image" in snapshot
     names = [p["name"] for p in snapshot["/generate_image"]["parameters"]]
-    assert names[:3] == ["prompt", "negative_prompt", "pose"] and names[-1] == "precision"
+    assert names[:3] == ["prompt", "negative_prompt", "pose"] and names[-2:] == ["precision", "mode"]
     assert json.loads(json.dumps(snapshot)) == snapshot

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 import gradio as gr
 
 from pipelines.core.devices import validate_device
-from pipelines.image.request import SCHEDULER_NAMES, ImageOptions
+from pipelines.image.request import FAST, MODE_LIMITS, QUALITY, SCHEDULER_NAMES, ImageOptions, check_mode
 
 DEFAULT_NEGATIVE = "lowres, bad anatomy, worst quality, low quality"
 
@@ -25,17 +25,48 @@ ARGS_DOC = """\
             prompt: English prompt.
             negative_prompt: what to avoid.
             pose: the OpenPose skeleton image (from /extract_pose or uploaded).
-            steps: denoising steps (1-100).
-            guidance_scale: classifier-free guidance (1 = none, which halves the work per step).
+            steps: denoising steps (1-100; in Fast mode 1-8, 4 is typical).
+            guidance_scale: classifier-free guidance (1 = none, which halves the work per step; in Fast mode 1-2).
             seed: random seed, the same seed gives the same image; -1 picks a random one.
             controlnet_scale: how strongly the pose guides the image (0-2).
             num_images: images per request (1-4), seeds seed, seed+1, ...
             width: image width in pixels, a multiple of 8 from 256 to 1024.
             height: image height in pixels, a multiple of 8 from 256 to 1024.
-            scheduler: UniPC, Euler a, DPM++ 2M, DDIM, PNDM or LMS.
+            scheduler: UniPC, Euler a, DPM++ 2M, DDIM, PNDM or LMS (Quality mode; Fast mode always runs LCM).
             sd_model: Stable Diffusion 1.5 hub id or local folder (empty: the default).
             controlnet_model: ControlNet OpenPose hub id or local folder (empty: the default).
             device: OpenVINO device (CPU, GPU, NPU, AUTO; empty: the server's default)."""
+
+# The mode parameter of both image endpoints (last, with a default: calls written before it keep their results).
+MODE_DOC = """\
+            mode: "quality" (the default: SD1.5 as trained, 20 steps with guidance, the full VAE) or "fast"
+                (the LCM-LoRA fused into the UNet, the LCM scheduler, the tiny TAESD decoder: seconds on a
+                CPU; give it 1-8 steps, 4 is typical, and guidance 1-2, 1 is typical)."""
+MODE_CHOICES = [("Fast: LCM-LoRA, 4 steps, seconds on a CPU", FAST), ("Quality: 20 steps with guidance", QUALITY)]
+
+
+def mode_radio() -> gr.Radio:
+    """The Fast / Quality choice. Its value as built is Quality: what the API's ``mode`` defaults to, so
+    calls written before it keep their results; the page switches to the server's UI default on load."""
+    return gr.Radio(choices=MODE_CHOICES, value=QUALITY, label="Mode",
+                    info="Fast: LCM-LoRA fused into the UNet, 4 steps, no guidance, the tiny TAESD decoder. "
+                         "Quality: Stable Diffusion 1.5 as trained.")
+
+
+def ui_default_mode(device: str) -> str:
+    """The mode the Image tab starts in: Fast on a CPU (where Quality takes tens of seconds to minutes)."""
+    return FAST if (device or "CPU").upper().startswith("CPU") else QUALITY
+
+
+def mode_settings(mode: str) -> tuple:
+    """Updates of the steps and guidance sliders and the scheduler to ``mode``'s ranges and defaults."""
+    mode = mode if mode in MODE_LIMITS else QUALITY
+    limits = MODE_LIMITS[mode]
+    fast = mode == FAST
+    return (gr.update(minimum=limits.steps[0], maximum=limits.steps[1], value=limits.default_steps),
+            gr.update(minimum=limits.guidance[0], maximum=limits.guidance[1], value=limits.default_guidance,
+                      step=0.1 if fast else 0.5),
+            gr.update(interactive=not fast, info="Fast mode always runs the LCM scheduler." if fast else None))
 
 
 def _whole(value: Any) -> Any:
@@ -111,14 +142,15 @@ class ImageRequest:
         return [components[name] for name in cls.names()]
 
     # -- what the pipelines take --------------------------------------------------------------
-    def options(self) -> ImageOptions:
+    def options(self, mode: Optional[str] = QUALITY) -> ImageOptions:
         # No int()/float() here: a cleared number box (None) or 260.5 reaches check_options, which
         # names the setting and its allowed range, instead of a TypeError reaching the user.
         return ImageOptions(
             prompt=(self.prompt or "").strip(), negative_prompt=self.negative_prompt or "", steps=_whole(self.steps),
             guidance_scale=_real(self.guidance_scale), seed=_whole(self.seed),
             controlnet_scale=_real(self.controlnet_scale), num_images=_whole(self.num_images),
-            width=_whole(self.width), height=_whole(self.height), scheduler=self.scheduler)
+            width=_whole(self.width), height=_whole(self.height), scheduler=self.scheduler,
+            mode=check_mode(mode or QUALITY))
 
     def models(self, settings) -> dict[str, Optional[str]]:
         """The user's model references, checked like Whisper's (a shared server takes no local paths)."""
@@ -142,13 +174,21 @@ class ImageRequest:
                        inspect.Parameter("progress", keyword, default=gr.Progress(), annotation=gr.Progress)]
         signature = inspect.Signature(parameters)
 
-        def endpoint(*args: Any, **kwargs: Any) -> Any:
+        def call(args: tuple, kwargs: dict) -> Any:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             values = list(bound.arguments.values())
             count = len(fields(cls))
             return fn(cls.from_args(*values[:count]), *values[count:-2], request=bound.arguments["request"],
                       progress=bound.arguments["progress"])
+
+        # Gradio streams a handler's outputs when the function it is given is a generator function.
+        if inspect.isgeneratorfunction(fn):
+            def endpoint(*args: Any, **kwargs: Any) -> Any:
+                return (yield from call(args, kwargs))
+        else:
+            def endpoint(*args: Any, **kwargs: Any) -> Any:
+                return call(args, kwargs)
 
         endpoint.__signature__ = signature  # type: ignore[attr-defined]
         endpoint.__annotations__ = {p.name: p.annotation for p in parameters}

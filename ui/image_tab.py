@@ -1,5 +1,6 @@
-"""Tab 3: Voice to pose-guided image. Endpoints ``/voice_prompt``, ``/extract_pose``, ``/generate_image`` and
-``/generate_image_compare`` (FP16 vs INT8 image models)."""
+"""Tab 3: Voice to pose-guided image. Endpoints ``/voice_prompt``, ``/extract_pose``, ``/generate_image`` (live
+previews while it denoises) and ``/generate_image_compare`` (FP16 vs INT8 image models), each in Fast or
+Quality mode."""
 from __future__ import annotations
 
 import threading
@@ -20,7 +21,10 @@ from pipelines.speech.types import TranscribeOptions
 
 from .common import (compare_columns, precision_radio, progress_fn, request_dir, speed_summary, user_errors,
                      whisper_pickers, whisper_request)
-from .image_request import ARGS_DOC, DEFAULT_NEGATIVE, ImageRequest
+from .image_examples import example_rows
+from .image_request import (ARGS_DOC, DEFAULT_NEGATIVE, MODE_DOC, ImageRequest, mode_radio, mode_settings,
+                            ui_default_mode)
+from .live import LiveRun
 
 
 def readable_image(image: gr.Image) -> gr.Image:
@@ -157,39 +161,62 @@ def _generation(cancels: CancelRegistry, request: Optional[gr.Request]) -> Itera
         cancels.finish(session, cancel)
 
 
+def _preview_update(preview, images: int) -> tuple[list, str]:
+    """The gallery and status while an image forms: its newest preview, captioned."""
+    where = f"image {preview.index + 1} of {images}, " if images > 1 else ""
+    text = f"Preview: {where}step {preview.step} of {preview.steps}"
+    return [(preview.image, text)], f"{text} (the image is still forming)"
+
+
+def _summary(result, count: int, precision: str) -> str:
+    per_step = _seconds_per_step(result)
+    return (f"{count} image(s), seeds {', '.join(map(str, result.seeds))}, "
+            f"{result.elapsed:.1f} s" + (f" ({per_step:.3f} s per step)" if per_step is not None else "")
+            + f", {result.extra.get('precision', precision).upper()}"
+            + (", Fast mode" if result.options.mode == "fast" else ""))
+
+
 def make_generate_handler(services: Services, cancels: CancelRegistry):
-    def generate_image(image: ImageRequest, precision: str = "fp16", request: gr.Request = None,
-                       progress: gr.Progress = gr.Progress()) -> tuple[list[str], str]:
+    def generate_image(image: ImageRequest, precision: str = "fp16", mode: str = "quality", request: gr.Request = None,
+                       progress: gr.Progress = gr.Progress()) -> Iterator[tuple[list, str]]:
         report = progress_fn(progress)
         with _generation(cancels, request) as cancel:
-            result = services.image.generate(
-                image.options(), image.pose, **image.models(services.settings), device=image.device_for(
-                    services.settings), progress=report, cancel=cancel, load_progress=report,
-                precision=check_precision(precision or "fp16"))
+            options, precision = image.options(mode), check_precision(precision or "fp16")
+            models, device = image.models(services.settings), image.device_for(services.settings)
+            run = LiveRun(lambda preview: services.image.generate(
+                options, image.pose, **models, device=device, progress=report, cancel=cancel, load_progress=report,
+                precision=precision, preview=preview), cancel)
+            try:
+                for preview in run:  # the gallery shows the image forming; Cancel keeps the last one shown
+                    yield _preview_update(preview, options.num_images)
+            finally:
+                run.stop()
+            result = run.result
         paths = result.save(request_dir("image"))
-        per_step = _seconds_per_step(result)
-        summary = (f"{len(paths)} image(s), seeds {', '.join(map(str, result.seeds))}, "
-                   f"{result.elapsed:.1f} s" + (f" ({per_step:.3f} s per step)" if per_step is not None else "")
-                   + f", {result.extra.get('precision', precision).upper()}")
         for warning in result.warnings:
             gr.Warning(warning)
-        return [str(p) for p in paths], summary
+        yield [str(p) for p in paths], _summary(result, len(paths), precision)
 
-    return ImageRequest.handler(generate_image, extra=[("precision", "fp16")], doc=f"""Stable Diffusion 1.5 + ControlNet OpenPose on OpenVINO.
+    return ImageRequest.handler(generate_image, extra=[("precision", "fp16"), ("mode", "quality")],
+                                doc=f"""Stable Diffusion 1.5 + ControlNet OpenPose on OpenVINO, Fast or Quality mode.
+
+        While it denoises, the gallery shows live previews of the image forming (every step in Fast
+        mode, every 4 in Quality mode); a gradio_client call gets the final images.
 
         Args:
 {ARGS_DOC}
             precision: image models' precision, "fp16" or "int8" (the first INT8 use quantizes them: minutes).
+{MODE_DOC}
         Returns:
-            PNG files (each carries its settings as metadata) and a summary of seeds, precision and time.
+            PNG files (each carries its settings as metadata) and a summary of seeds, precision, mode and time.
         """)
 
 
 def make_generate_compare_handler(services: Services, cancels: CancelRegistry):
-    def generate_image_compare(image: ImageRequest, request: gr.Request = None, progress: gr.Progress = gr.Progress()
-                               ) -> tuple[list[str], float, list[str], float, str]:
-        options = image.options()
+    def generate_image_compare(image: ImageRequest, mode: str = "quality", request: gr.Request = None,
+                               progress: gr.Progress = gr.Progress()) -> tuple[list[str], float, list[str], float, str]:
         with _generation(cancels, request) as cancel:
+            options = image.options(mode)
             runs = services.image.compare(options, image.pose, **image.models(services.settings),
                                           device=image.device_for(services.settings), cancel=cancel,
                                           progress=progress_fn(progress))
@@ -203,7 +230,7 @@ def make_generate_compare_handler(services: Services, cancels: CancelRegistry):
             gr.Warning(warning)
         return paths["fp16"], round(per_step[0], 4), paths["int8"], round(per_step[1], 4), summary
 
-    return ImageRequest.handler(generate_image_compare, doc=f"""The same images from the FP16 and the INT8 image models (same seed), each timed per step.
+    return ImageRequest.handler(generate_image_compare, extra=[("mode", "quality")], doc=f"""The same images from the FP16 and the INT8 image models (same seed), each timed per step.
 
         Each pipeline is loaded before its run (the first INT8 use quantizes the models: minutes), so
         the times are generation only. Cancel stops the comparison too. Seed -1 picks one random seed
@@ -211,6 +238,7 @@ def make_generate_compare_handler(services: Services, cancels: CancelRegistry):
 
         Args:
 {ARGS_DOC}
+{MODE_DOC}
         Returns:
             FP16 images, FP16 seconds per step, INT8 images, INT8 seconds per step, and a summary (ratio, seeds).
         """)
@@ -258,12 +286,14 @@ def build_image_tab(services: Services) -> None:
     ui["pose_button"].click(make_extract_pose_handler(services), inputs=[ui["photo"], ui["device"]],
                             outputs=[ui["pose"]], api_name="extract_pose", concurrency_id="pose")
     # /generate_image and /generate_image_compare take the same settings; only the first takes a precision.
+    # The mode comes last in both, with a default: calls written before it keep their results.
     generating = ui["generate_button"].click(
-        make_generate_handler(services, cancels), inputs=ImageRequest.inputs(ui) + [ui["image_precision"]],
+        make_generate_handler(services, cancels), inputs=ImageRequest.inputs(ui) + [ui["image_precision"], ui["mode"]],
         outputs=[ui["gallery"], ui["summary"]], api_name="generate_image", concurrency_id="image")
     comparing = compare_button.click(
-        make_generate_compare_handler(services, cancels), inputs=ImageRequest.inputs(ui),
+        make_generate_compare_handler(services, cancels), inputs=ImageRequest.inputs(ui) + [ui["mode"]],
         outputs=compared + [compare_summary], api_name="generate_image_compare", concurrency_id="image")
+    _wire_mode(ui, services.settings.default_device)
     # The handler sets this browser's cancel flags: a generation stops after its current step, one
     # waiting for the image slot gives up; `cancels` drops those still waiting in Gradio's queue.
     ui["cancel_button"].click(make_cancel_handler(cancels), outputs=[ui["summary"]], api_name="cancel_generation",
@@ -271,6 +301,16 @@ def build_image_tab(services: Services) -> None:
     if ui["release_button"] is not None:
         ui["release_button"].click(make_release_handler(services), outputs=[ui["summary"]],
                                    api_name="release_models", concurrency_limit=None)
+
+
+def _wire_mode(ui: dict, device: str) -> None:
+    """The mode sets the steps and guidance ranges (and the scheduler); the page opens in the server's UI
+    default mode (Fast on a CPU). Neither is an API endpoint."""
+    settings = [ui["steps"], ui["guidance_scale"], ui["scheduler"]]
+    ui["mode"].change(mode_settings, inputs=[ui["mode"]], outputs=settings, queue=False, api_visibility="private")
+    start = ui_default_mode(device)
+    gr.on(triggers=None, fn=lambda: (start, *mode_settings(start)), inputs=None, outputs=[ui["mode"], *settings],
+          queue=False, api_visibility="private")
 
 
 def _prompt_and_pose(settings) -> dict:
@@ -290,14 +330,18 @@ def _prompt_and_pose(settings) -> dict:
         # PNG: Gradio's default WebP is lossy and blurs the limb colours ControlNet OpenPose reads.
         ui["pose"] = readable_image(gr.Image(label="Pose skeleton", type="pil", format="png"))
     ui["pose_button"] = gr.Button("Extract pose from photo")
+    # Ready prompts with the skeletons the app ships (its calibration poses): press Generate at once.
+    gr.Examples(example_rows(), inputs=[ui["prompt"], ui["pose"]], label="Examples: a prompt and a pose",
+                examples_per_page=4)
     return ui
 
 
 def _image_settings_and_results(settings) -> dict:
     """Step 3 of the tab: the generation settings, the buttons and the gallery."""
     gr.Markdown("**3. Image**")
+    ui = {"mode": mode_radio()}
     with gr.Accordion("Settings", open=False):
-        ui = ImageRequest.settings_inputs(settings)
+        ui.update(ImageRequest.settings_inputs(settings))
         ui["image_precision"] = precision_radio(
             "Image model precision", info="INT8 models are smaller and 1.2-1.3x faster per step "
                                           "(measured); their first use quantizes them (minutes).")

@@ -8,7 +8,10 @@
       sd15/<model>--<revision>--<versions>--fp16            SD1.5 text encoder, UNet, VAE decoder IR
       controlnet/<model>--<revision>--<versions>--fp16      ControlNet IR
       openpose/<model>--<revision>--<versions>--fp16        OpenPose body network IR
+      taesd/<model>--<revision>--<versions>--fp16           TAESD decoder IR (live previews, Fast mode)
+      sd15_lcm/<sd15 folder>/<lora>--<revision>--scale<s>   Fast mode's UNet: that SD1.5 with the LCM-LoRA fused in
       sd15_int8/<sd15 folder>/<controlnet folder>--<key>    INT8 UNet + ControlNet of that FP16 pair
+      sd15_int8/<sd15 folder>/<controlnet folder>--lcm-<key>  the same for Fast mode's pair (its key has the LoRA)
       ov_compile_cache/                                     OpenVINO's compiled-model cache (CACHE_DIR)
       .work-*/                                              scratch of a conversion running now
 
@@ -35,10 +38,12 @@ WHISPER = "whisper"
 SD15 = "sd15"
 CONTROLNET = "controlnet"
 OPENPOSE = "openpose"
+TAESD = "taesd"
+SD15_LCM = "sd15_lcm"
 SD15_INT8 = "sd15_int8"
 COMPILE_CACHE = "ov_compile_cache"
 #: The kinds of converted model that :meth:`ModelsLayout.converted` names (diffusers-style, flat).
-CONVERTED_KINDS = (SD15, CONTROLNET, OPENPOSE)
+CONVERTED_KINDS = (SD15, CONTROLNET, OPENPOSE, TAESD)
 CONVERTED_PRECISION = "fp16"
 
 
@@ -95,12 +100,28 @@ class ModelsLayout:
     def _converted_name(reference: str, revision: str) -> str:
         return f"{slug(reference)}--{revision}--{versions_key()}--{CONVERTED_PRECISION}"
 
-    def sd_int8(self, sd_folder: Path, controlnet_folder: Path, key: str) -> Path:
+    def sd_lcm(self, sd_folder: Path, lora: str, lora_revision: str, scale_tag: str) -> Path:
+        """Fast mode's UNet: the SD1.5 of IR folder ``sd_folder`` (its name carries model, revision and
+        converter versions) with LoRA ``lora`` at ``lora_revision`` fused in at a scale."""
+        return self.root / SD15_LCM / Path(sd_folder).name / f"{slug(lora)}--{slug(lora_revision)[:40]}--{scale_tag}"
+
+    def lcm_unets_of(self, sd_folder: Path, lora: str, scale_tag: str) -> list[Path]:
+        """Every folder (complete or not) of Fast mode's UNet made from ``sd_folder`` and ``lora`` at a scale,
+        whatever the LoRA's revision."""
+        return sorted((self.root / SD15_LCM / Path(sd_folder).name).glob(f"{slug(lora)}--*--{scale_tag}"))
+
+    def sd_int8(self, sd_folder: Path, controlnet_folder: Path, key: str, lcm_folder: Optional[Path] = None) -> Path:
         """Where the INT8 UNet + ControlNet of an FP16 pair live: keyed by the FP16 folders they came
         from (whose names carry model, revision and converter versions) and by ``key`` (calibration
-        data and quantization settings)."""
-        digest = hashlib.sha1(f"{Path(controlnet_folder).name}|{key}".encode()).hexdigest()[:12]
-        return self.root / SD15_INT8 / Path(sd_folder).name / f"{Path(controlnet_folder).name[:80]}--{digest}"
+        data and quantization settings). Fast mode's pair (``lcm_folder``: its fused UNet's folder,
+        whose path carries the LoRA, its revision and scale) is another folder."""
+        cn = Path(controlnet_folder).name
+        if lcm_folder is None:
+            digest = hashlib.sha1(f"{cn}|{key}".encode()).hexdigest()[:12]
+            return self.root / SD15_INT8 / Path(sd_folder).name / f"{cn[:80]}--{digest}"
+        lora = Path(lcm_folder).name
+        digest = hashlib.sha1(f"{cn}|{lora}|{key}".encode()).hexdigest()[:12]
+        return self.root / SD15_INT8 / Path(sd_folder).name / f"{cn[:80]}--lcm-{digest}"
 
     # -- run time ---------------------------------------------------------------------------
     @property

@@ -10,6 +10,11 @@ cache folder to fill):
 * ControlNet: ``controlnet.xml`` (sample, timestep, encoder_hidden_states, controlnet_cond,
   conditioning_scale -> 12 down residuals + mid) and ``config.json``.
 * OpenPose: ``body_pose.xml`` (the OpenPose body network).
+* TAESD (``AutoencoderTiny``, the tiny autoencoder of live previews and Fast mode):
+  ``taesd_decoder.xml``, latents -> the picture's 0-255 pixels (NHWC, uint8: diffusers' postprocessing
+  folded in, so a preview is one ``Image.fromarray`` away), and its scaling factor in ``pipeline.json``.
+* The SD1.5 UNet with a LoRA fused in (Fast mode's LCM-LoRA): :mod:`pipelines.image.lora`, through
+  :func:`export_unet` here.
 
 All shapes but the channel counts are dynamic (batch, height, width; the text length too). Weights
 are read from safetensors only (``use_safetensors=True``); the OpenPose ``.pth`` is read with
@@ -28,6 +33,8 @@ from pipelines.core.progress import ProgressFn, no_progress
 DEFAULT_SD_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_CONTROLNET = "lllyasviel/control_v11p_sd15_openpose"
 DEFAULT_POSE_MODEL = "lllyasviel/Annotators"
+DEFAULT_LCM_LORA = "latent-consistency/lcm-lora-sdv1-5"
+DEFAULT_TAESD = "madebyollin/taesd"
 POSE_FILENAME = "body_pose_model.pth"
 PRECISION = "fp16"  # what the converted folders hold (their names end in it)
 
@@ -37,6 +44,7 @@ UNET_IR = "unet.xml"
 VAE_DECODER_IR = "vae_decoder.xml"
 CONTROLNET_IR = "controlnet.xml"
 BODY_POSE_IR = "body_pose.xml"
+TAESD_DECODER_IR = "taesd_decoder.xml"
 PIPELINE_JSON = "pipeline.json"
 
 # Only what the pipeline needs from a hub repository (SD1.5 repos also hold multi-GB single files).
@@ -52,21 +60,24 @@ SD_ALLOW_PATTERNS = [
     "scheduler/*",
 ]
 CONTROLNET_ALLOW_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
+TAESD_ALLOW_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def sd_how(ref: str) -> str:
     return (
         f"Download it where the Hugging Face Hub is reachable (e.g. `huggingface-cli download {ref}` into the "
-        "Hugging Face cache), or pass the path of a local diffusers folder with "
-        "unet/, vae/, text_encoder/, tokenizer/, scheduler/ with .safetensors weights."
+        "Hugging Face cache), or give the path of a local diffusers folder with "
+        "unet/, vae/, text_encoder/, tokenizer/, scheduler/ with .safetensors weights (the Image tab's "
+        "'Stable Diffusion 1.5 model' box, the sd_model parameter)."
     )
 
 
 def controlnet_how(ref: str) -> str:
     return (
-        f"Download it where the Hugging Face Hub is reachable (e.g. `huggingface-cli download {ref}`), or pass the "
-        "path of a local ControlNet folder holding config.json and diffusion_pytorch_model.safetensors."
+        f"Download it where the Hugging Face Hub is reachable (e.g. `huggingface-cli download {ref}`), or give the "
+        "path of a local ControlNet folder holding config.json and diffusion_pytorch_model.safetensors (the "
+        "Image tab's 'ControlNet OpenPose model' box, the controlnet_model parameter)."
     )
 
 
@@ -75,6 +86,14 @@ def pose_how(ref: str) -> str:
         f"Download '{POSE_FILENAME}' from the Hugging Face repository '{DEFAULT_POSE_MODEL}' where the Hub is "
         f"reachable (e.g. `huggingface-cli download {DEFAULT_POSE_MODEL} {POSE_FILENAME}`), or pass the path of the "
         f"local '{POSE_FILENAME}' file (or of a folder containing it)."
+    )
+
+
+def taesd_how(ref: str) -> str:
+    return (
+        f"Download it where the Hugging Face Hub is reachable (e.g. `huggingface-cli download {ref}` into the "
+        "Hugging Face cache), or start the app with --taesd (env VOICE_STUDIO_TAESD) set to a local folder holding "
+        "the AutoencoderTiny's config.json and diffusion_pytorch_model.safetensors."
     )
 
 
@@ -150,13 +169,30 @@ def _convert_text_encoder(folder: Path, out: Path, ref: str) -> dict:
 
 def _convert_unet(folder: Path, out: Path, ref: str, seq_len: int) -> tuple[dict, int]:
     """UNet taking the ControlNet residuals as inputs -> ``unet.xml``; its config and residual count."""
+    unet = load_unet(folder, ref)
+    config = dict(unet.config)
+    residuals = export_unet(unet, out, seq_len)
+    del unet
+    gc.collect()
+    return config, residuals
+
+
+def load_unet(folder: Path, ref: str):
+    """The float32 UNet of the SD1.5 diffusers folder ``folder`` (safetensors only)."""
     import torch
     from diffusers import UNet2DConditionModel
 
+    return load_checkpoint(UNet2DConditionModel.from_pretrained, ref, "Stable Diffusion UNet", sd_how(ref),
+                           Path(folder) / "unet", use_safetensors=True, torch_dtype=torch.float32).eval()
+
+
+def export_unet(unet, out: Path, seq_len: int) -> int:
+    """``unet`` (a ``UNet2DConditionModel``) taking the ControlNet residuals as inputs -> ``out/unet.xml``,
+    dynamic batch and size; returns how many down residuals it takes."""
+    import torch
+
     from pipelines.image import tracing
 
-    unet = load_checkpoint(UNet2DConditionModel.from_pretrained, ref, "Stable Diffusion UNet", sd_how(ref),
-                           folder / "unet", use_safetensors=True, torch_dtype=torch.float32).eval()
     h, w = EXAMPLE_LATENT_SIZE
     down_shapes, mid_shape = tracing.down_residual_shapes(unet, 2, h, w)
     example = (
@@ -173,11 +209,10 @@ def _convert_unet(folder: Path, out: Path, ref: str, seq_len: int) -> tuple[dict
     )
     dynamic = [[0, 2, 3], [], [0, 1]] + [[0, 2, 3]] * (len(down_shapes) + 1)
     model = tracing.to_ir(tracing.UNetWithResiduals(unet).eval(), example, names, ["out_sample"], dynamic)
-    tracing.save_ir(model, out / UNET_IR)
-    config = dict(unet.config)
-    del model, unet, example
+    tracing.save_ir(model, Path(out) / UNET_IR)
+    del model, example
     gc.collect()
-    return config, len(down_shapes)
+    return len(down_shapes)
 
 
 def _convert_vae_decoder(folder: Path, out: Path, ref: str) -> dict:
@@ -236,6 +271,32 @@ def convert_controlnet(folder: Path, out: Path, ref: str = "", progress: Progres
     summary = {"kind": "controlnet", "model": ref, "num_down_residuals": n_down, "conditioning_factor": embed_factor}
     (out / PIPELINE_JSON).write_text(json.dumps(summary, indent=2))
     progress(1.0, "ControlNet converted")
+    return summary
+
+
+def convert_taesd(folder: Path, out: Path, ref: str = "", progress: ProgressFn = no_progress) -> dict:
+    """Convert a local TAESD (``AutoencoderTiny``) folder's decoder into ``out/taesd_decoder.xml``:
+    latents in (dynamic batch and size), the picture's 0-255 pixels out (NHWC, uint8)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    from pipelines.image import tracing
+
+    folder, out = Path(folder), Path(out)
+    ref = ref or str(folder)
+    progress(0.05, "Converting the TAESD decoder")
+    vae = load_checkpoint(AutoencoderTiny.from_pretrained, ref, "TAESD decoder", taesd_how(ref), folder,
+                          use_safetensors=True, torch_dtype=torch.float32).eval()
+    h, w = EXAMPLE_LATENT_SIZE
+    model = tracing.to_ir(tracing.TaesdDecoderWrapper(vae).eval(), (torch.randn(1, vae.config.latent_channels, h, w),),
+                          ["latent_sample"], ["image"], [[0, 2, 3]])
+    tracing.save_ir(model, out / TAESD_DECODER_IR)
+    summary = {"kind": "taesd", "model": ref, "scaling_factor": float(vae.config.scaling_factor),
+               "latent_channels": int(vae.config.latent_channels), "output": "uint8 NHWC (0-255 pixels)"}
+    del model, vae
+    gc.collect()
+    (out / PIPELINE_JSON).write_text(json.dumps(summary, indent=2))
+    progress(1.0, "TAESD converted")
     return summary
 
 

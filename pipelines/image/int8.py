@@ -1,28 +1,38 @@
 """Stable Diffusion 1.5 + ControlNet INT8: calibration on the FP16 pipeline's own inputs, NNCF
-post-training quantization of the UNet and ControlNet, and the cached INT8 folder (ensure_sd_int8)."""
+post-training quantization of the UNet and ControlNet, and the cached INT8 folder (:func:`ensure_sd_int8`).
+
+Quality mode's pair (the SD1.5 UNet) is calibrated as Quality runs (UniPC, CFG); Fast mode's pair (the
+UNet with the LCM-LoRA fused in) as Fast runs (4 LCM steps, batch 1), and its folder's key includes the
+LoRA, its revision and scale. Both are made in bounded memory (:mod:`pipelines.image.lowmem`: each
+phase in a child process, samples on disk, static shapes, statistics in chunks), after a check that
+the memory is there (:func:`int8_memory_needed`): otherwise INT8 is refused with a message, rather
+than the process being killed half-way.
+"""
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
-import os
+import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, Optional, Sequence
 
 import numpy as np
 
-from pipelines.core import cpu_int8
 from pipelines.core.cpu_int8 import count_int8
 from pipelines.core.layout import ModelsLayout
+from pipelines.core.memory import GB, check_memory
 from pipelines.core.progress import ProgressFn, no_progress, scaled
+from pipelines.image.calibration import (ENV_SD_CALIBRATION_POSES, ENV_SD_CALIBRATION_PROMPTS,  # noqa: F401 - the API
+                                         ENV_SD_CALIBRATION_SUBSET, NNCF_DEFAULT_OVERFLOW_FIX, SD_INT8_IGNORED_TYPES,
+                                         SDCalibration, SDCalibrationSet, draw_pose_keypoints, sd_ignored_types,
+                                         sd_overflow_fix)
 from pipelines.image.convert import CONTROLNET_IR, PIPELINE_JSON, UNET_IR
+from pipelines.image.lowmem import DiskRecorder, LazySamples, chunked_statistics, folder_size_mb, in_process, run_in_child
 from pipelines.image.pipeline import OVControlNetPipeline
-from pipelines.image.pose import draw_skeleton
-from pipelines.image.request import ImageOptions
+from pipelines.image.request import FAST, QUALITY, ImageOptions
 
 log = logging.getLogger(__name__)
 
@@ -53,232 +63,24 @@ log = logging.getLogger(__name__)
 # UNet call 1.25x -> 1.5x faster than FP16). There too, INT8 kernels without VNNI saturate int16
 # sums, so the weights are quantized on 7 bits (NNCF's overflow fix; sd_overflow_fix()).
 
-ENV_SD_CALIBRATION_PROMPTS = "VOICE_STUDIO_SD_CALIBRATION_PROMPTS"
-ENV_SD_CALIBRATION_POSES = "VOICE_STUDIO_SD_CALIBRATION_POSES"
-ENV_SD_CALIBRATION_SUBSET = "VOICE_STUDIO_SD_CALIBRATION_SUBSET"
-SD_CALIBRATION_PROMPTS = Path(__file__).parent / "data" / "calibration_prompts.json"
-SD_CALIBRATION_POSES = Path(__file__).parent / "data" / "calibration_poses.json"
-POSE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-SD_INT8_FORMAT = 2  # bump when what the quantization writes changes: part of the cache key (2: attention FP16)
-#: Node types NNCF leaves unquantized by default: attention stays one fused FP16 kernel (see above);
-#: on CPUs with AMX-INT8 nothing is left out (:func:`sd_ignored_types`).
-SD_INT8_IGNORED_TYPES = ("ScaledDotProductAttention",)
-#: NNCF's own overflow fix (7-bit weights in the first layer only): SD INT8's where kernels do not saturate.
-NNCF_DEFAULT_OVERFLOW_FIX = "first_layer_only"
+#: Measured making the INT8 pair of the full SD1.5 (UNet IR 1,639 MB FP16) from 512x512 calibration with
+#: this module's low-memory path: the largest child (the UNet's quantization) peaked at 10.1 GB. What a
+#: pair needs is scaled from that by its UNet's size (and calibration area), plus a margin.
+MEASURED_PEAK_BYTES = int(10.1 * GB)
+MEASURED_UNET_IR_BYTES = 1_639 * 2**20
+MEMORY_MARGIN = 1.14
+MIN_MEMORY_BYTES = 1 * GB  # Python, torch, OpenVINO and NNCF in a child process, whatever the model
+#: NNCF statistics in this many chunks (per batch item): the UNet's peak 10.1 GB instead of 14.7 GB, same result.
+STAT_CHUNKS = 4
 
 
-@dataclass(frozen=True)
-class SDCalibration:
-    """How SD INT8 calibration data is made: which prompts and poses, how many samples.
-
-    Calibration runs the FP16 pipeline ``ceil(subset_size / steps)`` times (prompt ``i`` with pose
-    ``i`` modulo their counts, seed ``i``) at ``width`` x ``height`` with CFG, and keeps the real
-    ControlNet and UNet inputs of every denoising step: ``subset_size`` samples per model. The
-    defaults cost about 30 FP16 steps on top of the quantization itself: small enough for a
-    2-core machine. ``prompts``: a JSON list (strings or ``{"prompt", "negative_prompt"}``) or a
-    text file with one prompt a line; ``poses``: a folder of OpenPose skeleton images. Without
-    them, the prompts and the keypoint sets shipped in ``pipelines/data`` are used.
-    """
-
-    prompts: Optional[Path] = None
-    poses: Optional[Path] = None
-    subset_size: int = 30
-    steps: int = 10
-    width: int = 512
-    height: int = 512
-    guidance_scale: float = 7.5
-
-    @classmethod
-    def from_env(cls, **overrides) -> "SDCalibration":
-        """Defaults, with the ``VOICE_STUDIO_SD_CALIBRATION_*`` variables applied, then ``overrides``."""
-        values: dict = {}
-        if os.environ.get(ENV_SD_CALIBRATION_PROMPTS):
-            values["prompts"] = Path(os.environ[ENV_SD_CALIBRATION_PROMPTS]).expanduser()
-        if os.environ.get(ENV_SD_CALIBRATION_POSES):
-            values["poses"] = Path(os.environ[ENV_SD_CALIBRATION_POSES]).expanduser()
-        if os.environ.get(ENV_SD_CALIBRATION_SUBSET):
-            raw = os.environ[ENV_SD_CALIBRATION_SUBSET]
-            if not raw.strip().isdigit() or int(raw) < 1:
-                raise ValueError(f"{ENV_SD_CALIBRATION_SUBSET} is {raw!r}; set it to a whole number of samples such as 30.")
-            values["subset_size"] = int(raw)
-        values.update(overrides)
-        return cls(**values)
-
-    def with_changes(self, **changes) -> "SDCalibration":
-        from dataclasses import replace
-
-        return replace(self, **changes)
-
-    @property
-    def runs(self) -> int:
-        return -(-int(self.subset_size) // int(self.steps))
-
-    def check(self) -> None:
-        for name in ("subset_size", "steps", "width", "height"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"SD calibration {name} is {value!r}; it must be a positive whole number.")
-        if self.width % 8 or self.height % 8:
-            raise ValueError(f"SD calibration size {self.width}x{self.height} must be a multiple of 8 (e.g. 512x512).")
-
-    def load(self) -> "SDCalibrationSet":
-        """The prompts and pose images to calibrate with, and where they came from.
-
-        Raises ``ValueError`` saying what to fix when a user-given file or folder is unusable.
-        """
-        self.check()
-        prompts, prompt_source = _calibration_prompts(self.prompts)
-        poses, pose_source, pose_digest = _calibration_poses(self.poses, self.width, self.height)
-        runs = self.runs
-        facts = {
-            "prompts": prompt_source, "poses": pose_source, "subset_size": self.subset_size, "steps": self.steps,
-            "size": f"{self.width}x{self.height}", "guidance_scale": self.guidance_scale,
-        }
-        # How NNCF quantizes on this CPU is part of the key too, only when it is not the default (so
-        # folders made with the default keep their keys): a folder made where INT8 kernels saturate
-        # uses 7-bit weights, one made elsewhere would saturate there; one made with AMX-INT8 has
-        # INT8 attention, which splits into slow kernels elsewhere.
-        overflow_fix, ignored_types = sd_overflow_fix(), sd_ignored_types()
-        digest = hashlib.sha1(json.dumps(
-            {"prompts": prompts[:runs], "poses": pose_digest, "format": SD_INT8_FORMAT,
-             **({"overflow_fix": overflow_fix} if overflow_fix != NNCF_DEFAULT_OVERFLOW_FIX else {}),
-             **({"ignored_types": list(ignored_types)} if tuple(ignored_types) != SD_INT8_IGNORED_TYPES else {}),
-             **{k: v for k, v in facts.items() if k not in ("prompts", "poses")}},
-            sort_keys=True).encode()).hexdigest()[:12]
-        return SDCalibrationSet(prompts=prompts, poses=poses, sources=facts, key=digest)
-
-
-@dataclass(frozen=True)
-class SDCalibrationSet:
-    prompts: list  # [(prompt, negative_prompt)]
-    poses: list  # PIL images, RGB
-    sources: dict  # what made it, for the cache marker
-    key: str  # content key (calibration data, quantization format, overflow fix): the INT8 folder depends on it
-
-
-def _calibration_prompts(path: Optional[Path]) -> tuple[list[tuple[str, str]], str]:
-    source = Path(path) if path else SD_CALIBRATION_PROMPTS
-    how = (f"Give a JSON list of prompts (strings or {{\"prompt\": ..., \"negative_prompt\": ...}}) or a text file with "
-           f"one prompt a line ({ENV_SD_CALIBRATION_PROMPTS}).")
-    if not source.is_file():
-        raise ValueError(f"The SD calibration prompts file '{source}' does not exist. {how}")
-    text = source.read_text(encoding="utf-8")
-    try:
-        items = json.loads(text) if source.suffix.lower() == ".json" else [line for line in text.splitlines()]
-    except json.JSONDecodeError as error:
-        raise ValueError(f"The SD calibration prompts file '{source}' is not valid JSON ({error}). {how}") from None
-    prompts = []
-    for item in items if isinstance(items, list) else []:
-        if isinstance(item, str) and item.strip():
-            prompts.append((item.strip(), ""))
-        elif isinstance(item, dict) and str(item.get("prompt", "")).strip():
-            prompts.append((str(item["prompt"]).strip(), str(item.get("negative_prompt") or "")))
-    if not prompts:
-        raise ValueError(f"The SD calibration prompts file '{source}' holds no prompts. {how}")
-    origin = "the prompts shipped with the app" if path is None else str(source)
-    return prompts, f"{len(prompts)} prompts from {origin}"
-
-
-def _calibration_poses(folder: Optional[Path], width: int, height: int) -> tuple[list, str, str]:
-    """User pose images from ``folder``, else the shipped keypoint sets drawn by controlnet-aux."""
-    from PIL import Image, UnidentifiedImageError
-
-    if folder is not None:
-        folder = Path(folder)
-        how = (f"Point {ENV_SD_CALIBRATION_POSES} at a folder of OpenPose skeleton images (PNG or JPEG), or unset it "
-               "to use the poses shipped with the app.")
-        if not folder.is_dir():
-            raise ValueError(f"The SD calibration pose folder '{folder}' does not exist. {how}")
-        images, digest = [], hashlib.sha1()
-        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in POSE_SUFFIXES):
-            try:
-                with Image.open(path) as opened:
-                    images.append(opened.convert("RGB"))
-            except (UnidentifiedImageError, OSError) as error:
-                log.warning("SD calibration: skipping %s (%s)", path, error)
-                continue
-            digest.update(hashlib.sha1(path.read_bytes()).digest())
-        if not images:
-            raise ValueError(f"The SD calibration pose folder '{folder}' holds no readable images. {how}")
-        return images, f"{len(images)} pose images from {folder}", digest.hexdigest()
-    sets = {k: v for k, v in json.loads(SD_CALIBRATION_POSES.read_text()).items() if not k.startswith("_")}
-    images = [draw_pose_keypoints(people, width, height) for people in sets.values()]
-    digest = hashlib.sha1(json.dumps(sets, sort_keys=True).encode()).hexdigest()
-    return images, f"{len(images)} OpenPose skeletons drawn from the keypoint sets shipped with the app", digest
-
-
-def draw_pose_keypoints(people: list, width: int, height: int):
-    """An OpenPose skeleton image (controlnet-aux's drawing) of ``people``: each a list of 18 ``[x, y]``
-    fractions of the image (or ``None`` for a hidden keypoint), COCO-18 body order."""
-    from controlnet_aux.open_pose import PoseResult
-    from controlnet_aux.open_pose.body import BodyResult, Keypoint
-
-    poses = []
-    for person in people:
-        keypoints = [Keypoint(x=float(p[0]), y=float(p[1])) if p is not None else None for p in person]
-        poses.append(PoseResult(BodyResult(keypoints, float(sum(k is not None for k in keypoints)),
-                                           sum(k is not None for k in keypoints)), None, None, None))
-    return draw_skeleton(poses, width, height)
-
-
-class _InputRecorder:
-    """Keeps the ControlNet and UNet inputs of each denoising step (copies: requests reuse their memory).
-
-    Large float tensors (the ControlNet residuals) are kept as float16 to halve the memory of the
-    calibration set and cast back to float32 when NNCF reads them; arrays that stay the same over
-    a whole image (text embeddings, control image) are stored once.
-    """
-
-    def __init__(self):
-        self.samples: dict[str, list[dict]] = {"controlnet": [], "unet": []}
-        self._shared: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def __call__(self, name: str, inputs: dict) -> None:
-        kept = {}
-        for key, value in inputs.items():
-            array = np.asarray(value)
-            if key in ("encoder_hidden_states", "controlnet_cond"):
-                held = self._shared.get(id(value))
-                if held is None or held[0] is not value:
-                    held = (value, np.array(array, copy=True))
-                    self._shared[id(value)] = held
-                kept[key] = held[1]
-            elif array.dtype == np.float32 and array.size > 65536:
-                kept[key] = array.astype(np.float16)
-            else:
-                kept[key] = np.array(array, copy=True)
-        self.samples[name].append(kept)
-
-    @staticmethod
-    def to_model_input(sample: dict) -> dict:
-        return {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in sample.items()}
-
-
-def gather_sd_calibration(pipeline: OVControlNetPipeline, data: SDCalibrationSet, settings: SDCalibration,
-                          progress: ProgressFn = no_progress) -> dict[str, list[dict]]:
-    """Run the FP16 ``pipeline`` on the calibration prompts and poses; return the ControlNet and UNet
-    inputs it saw (``subset_size`` of each)."""
-    recorder = _InputRecorder()
-    runs = settings.runs
-    with pipeline.observe_inputs(recorder):
-        for run in range(runs):
-            prompt, negative = data.prompts[run % len(data.prompts)]
-            options = ImageOptions(prompt=prompt, negative_prompt=negative, steps=settings.steps,
-                                   guidance_scale=settings.guidance_scale, seed=run, width=settings.width,
-                                   height=settings.height, scheduler="UniPC")
-            step = scaled(progress, run / runs, (run + 1) / runs, f"Calibrating: FP16 image {run + 1} of {runs}")
-            pipeline(options, data.poses[run % len(data.poses)], progress=step)
-    samples = {}
-    for name, items in recorder.samples.items():
-        keep = np.linspace(0, len(items) - 1, num=min(settings.subset_size, len(items))).round().astype(int)
-        samples[name] = [items[i] for i in sorted(set(keep.tolist()))]
-    return samples
-
-
-def sd_ignored_types() -> tuple[str, ...]:
-    """Node types SD INT8 made on this CPU leaves in FP16: attention, except where the CPU has AMX-INT8
-    and quantized attention is faster (:func:`pipelines.core.cpu_int8.int8_attention`)."""
-    return () if cpu_int8.int8_attention() else SD_INT8_IGNORED_TYPES
+def int8_memory_needed(unet_xml: Path, settings: SDCalibration) -> int:
+    """Bytes making the INT8 pair of this UNet needs (the measured peak, scaled by the UNet's size and the
+    calibration area, with a margin): 11.5 GB for SD1.5 at 512x512."""
+    weights = Path(unet_xml).with_suffix(".bin")
+    size = weights.stat().st_size if weights.is_file() else MEASURED_UNET_IR_BYTES
+    area = max(1.0, settings.width * settings.height / (512 * 512))
+    return max(MIN_MEMORY_BYTES, int(MEASURED_PEAK_BYTES * MEMORY_MARGIN * size / MEASURED_UNET_IR_BYTES * area))
 
 
 def sd_int8_method(ignored_types: Sequence[str]) -> str:
@@ -290,106 +92,148 @@ def sd_int8_method(ignored_types: Sequence[str]) -> str:
             "text encoder and VAE FP16")
 
 
-def sd_overflow_fix() -> str:
-    """NNCF's overflow fix for SD INT8 made on this CPU: ``enable`` (7-bit weights everywhere) where
-    INT8 kernels saturate (x86 without VNNI, see :mod:`pipelines.core.cpu_int8`), else NNCF's default
-    ``first_layer_only``."""
-    return cpu_int8.overflow_fix(NNCF_DEFAULT_OVERFLOW_FIX)
+def _to_model_input(sample: dict) -> dict:
+    return {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in sample.items()}
 
 
-def quantize_sd_model(model, samples: list[dict], overflow_fix: str = NNCF_DEFAULT_OVERFLOW_FIX,
-                      ignored_types: Sequence[str] = SD_INT8_IGNORED_TYPES):
-    """NNCF post-training quantization of an SD UNet or ControlNet ``ov.Model`` on recorded inputs,
-    leaving the ``ignored_types`` nodes unquantized."""
+def quantize_sd_model(model, samples: Sequence, overflow_fix: str = NNCF_DEFAULT_OVERFLOW_FIX,
+                      ignored_types: Sequence[str] = SD_INT8_IGNORED_TYPES, *, transform: Optional[Callable] = None,
+                      stat_chunks: int = 1):
+    """NNCF post-training quantization of an SD UNet or ControlNet ``ov.Model`` on recorded inputs
+    (``samples``, each made a model input by ``transform``), leaving the ``ignored_types`` nodes
+    unquantized; NNCF's statistics in ``stat_chunks`` chunks (same result, less memory)."""
     import nncf
 
-    return nncf.quantize(
-        model,
-        nncf.Dataset(samples, _InputRecorder.to_model_input),
-        subset_size=len(samples),
-        model_type=nncf.ModelType.TRANSFORMER,
-        advanced_parameters=nncf.AdvancedQuantizationParameters(
-            disable_bias_correction=True, overflow_fix=nncf.OverflowFix(overflow_fix)),
-        # validate=False: a model exported without fused attention nodes is quantized all the same
-        ignored_scope=nncf.IgnoredScope(types=list(ignored_types), validate=False) if ignored_types else None,
-    )
+    with chunked_statistics(stat_chunks):
+        return nncf.quantize(
+            model,
+            nncf.Dataset(samples, transform or _to_model_input),
+            subset_size=len(samples),
+            model_type=nncf.ModelType.TRANSFORMER,
+            advanced_parameters=nncf.AdvancedQuantizationParameters(
+                disable_bias_correction=True, overflow_fix=nncf.OverflowFix(overflow_fix)),
+            # validate=False: a model exported without fused attention nodes is quantized all the same
+            ignored_scope=nncf.IgnoredScope(types=list(ignored_types), validate=False) if ignored_types else None,
+        )
+
+
+def gather_phase(sd_folder: str, controlnet_folder: str, samples_dir: str, settings: SDCalibration,
+                 lcm_folder: Optional[str] = None, taesd_folder: Optional[str] = None,
+                 ov_config: Optional[dict] = None, progress: ProgressFn = no_progress) -> dict:
+    """Run the FP16 pipeline on the calibration prompts and poses as its mode runs, writing the
+    ControlNet's and UNet's inputs to ``samples_dir`` (``subset_size`` of each kept)."""
+    data, runs = settings.load(), settings.runs
+    pipeline = OVControlNetPipeline.from_folders(Path(sd_folder), Path(controlnet_folder), device="CPU",
+                                                 ov_config=ov_config, lcm_folder=lcm_folder, taesd_folder=taesd_folder)
+    recorder = DiskRecorder(Path(samples_dir))
+    with pipeline.observe_inputs(recorder):
+        for run in range(runs):
+            prompt, negative = data.prompts[run % len(data.prompts)]
+            options = ImageOptions(prompt=prompt, negative_prompt=negative, steps=settings.steps,
+                                   guidance_scale=settings.guidance_scale, seed=run, width=settings.width,
+                                   height=settings.height, scheduler="UniPC", mode=settings.mode,
+                                   decoder="taesd" if taesd_folder else "vae")
+            step = scaled(progress, run / runs, (run + 1) / runs, f"Calibrating: FP16 image {run + 1} of {runs}")
+            pipeline(options, data.poses[run % len(data.poses)], progress=step)
+    kept = recorder.save_index(settings.subset_size)
+    pipeline.release()
+    return {"kept": kept, "disk_mb": folder_size_mb(Path(samples_dir))}
+
+
+def quantize_phase(xml: str, samples_dir: str, name: str, out_xml: str, overflow_fix: str,
+                   ignored_types: Sequence[str], stat_chunks: int = STAT_CHUNKS,
+                   progress: ProgressFn = no_progress) -> dict:
+    """Quantize one FP16 IR on its recorded inputs (read from disk one at a time) at their static shape, with
+    NNCF's statistics in ``stat_chunks`` chunks per batch item (a CFG batch of 2 holds twice the activations),
+    and save it with its dynamic shapes back; how much of it is INT8."""
+    import openvino as ov
+
+    samples = LazySamples(Path(samples_dir), name)
+    chunks = stat_chunks * samples.batch
+    model = ov.Core().read_model(xml)
+    dynamic = {port.get_any_name(): port.get_partial_shape() for port in model.inputs}
+    model.reshape(samples.shapes())
+    quantized = quantize_sd_model(model, samples, overflow_fix, ignored_types, transform=samples.to_model_input,
+                                  stat_chunks=chunks)
+    del model
+    gc.collect()
+    quantized.reshape(dynamic)  # the IR on disk stays dynamic like the FP16 one (the pipeline reshapes per request)
+    ov.save_model(quantized, out_xml, compress_to_fp16=True)
+    del quantized
+    gc.collect()
+    counts = count_int8(Path(out_xml))
+    if not counts["fake_quantize"]:
+        raise RuntimeError(f"NNCF left the {name} without any INT8 operation; the FP16 model cannot be quantized.")
+    progress(1.0, f"{name} quantized")
+    return {"int8_ops": counts, "samples": len(samples), "statistics_chunks": chunks}
 
 
 def quantize_sd_int8(sd_folder: Path, controlnet_folder: Path, out_dir: Path, settings: Optional[SDCalibration] = None,
                      *, data: Optional[SDCalibrationSet] = None, ov_config: Optional[dict] = None,
-                     progress: ProgressFn = no_progress) -> dict:
-    """Write INT8 ``unet.xml`` and ``controlnet.xml`` for this FP16 SD1.5 + ControlNet pair into ``out_dir``.
+                     progress: ProgressFn = no_progress, lcm_folder: Optional[Path] = None,
+                     taesd_folder: Optional[Path] = None, children: bool = True,
+                     stat_chunks: int = STAT_CHUNKS) -> dict:
+    """Write INT8 ``unet.xml`` and ``controlnet.xml`` for this FP16 SD1.5 + ControlNet pair into ``out_dir``
+    (with ``lcm_folder``, Fast mode's pair: its fused UNet, calibrated the Fast way): full post-training
+    quantization of the two models that run at every step (why: the comment at the top of this module).
 
-    Why full post-training quantization and not INT8 weights only: measured on this AMX CPU (full
-    SD1.5 + ControlNet OpenPose, 512x512, CFG), a denoising step takes 7.0 s in FP16, 7.9 s with
-    INT8 weight-only compression (no speed-up: weights are dequantised before bf16 AMX matmuls) and
-    5.4 s with ``nncf.quantize`` (ModelType.TRANSFORMER, bias correction off); 6.25 s vs 4.25 s
-    with static shapes. Attention nodes stay FP16 except on CPUs with AMX-INT8 (:func:`sd_ignored_types`:
-    elsewhere quantizing them splits the fused attention kernel and costs more than it saves). Where INT8 kernels saturate (no VNNI) the weights
-    use 7 bits (:func:`sd_overflow_fix`). Only the UNet and ControlNet, which run at every
-    step, are quantized; the text encoder and VAE decoder stay FP16.
-
-    Calibration data is gathered by running the FP16 pipeline (see :class:`SDCalibration`); then
-    the ControlNet and the UNet are quantized one after the other, each freed before the next, to
-    keep the peak memory down. Returns the facts recorded in the cache marker.
+    Calibration data is gathered by running the FP16 pipeline (see :class:`SDCalibration`); then the
+    ControlNet and the UNet are quantized one after the other, each phase in its own child process
+    (``children``; :mod:`pipelines.image.lowmem`). Returns the facts recorded in the cache marker.
     """
-    report = progress
-    settings = settings or SDCalibration.from_env()
+    mode = FAST if lcm_folder is not None else QUALITY
+    settings = (settings or SDCalibration.from_env()).for_mode(mode)
     data = data or settings.load()
-    started = time.perf_counter()
-    report(0.0, f"Calibrating INT8: {settings.runs} FP16 images of {settings.steps} steps")
-    pipeline = OVControlNetPipeline.from_folders(sd_folder, controlnet_folder, device="CPU", ov_config=ov_config)
-    try:
-        samples = gather_sd_calibration(pipeline, data, settings, lambda f, m: report(0.4 * f, m))
-    finally:
-        pipeline.release()
-        del pipeline
-        gc.collect()
-    timings = {"gather_s": round(time.perf_counter() - started, 1)}
+    run = run_in_child if children else in_process
+    samples_dir, phases = Path(out_dir) / ".calibration", {}
     overflow_fix, ignored_types = sd_overflow_fix(), sd_ignored_types()
-    used = {name: len(items) for name, items in samples.items()}
-    counts = {}
-    for index, (name, xml, label) in enumerate((("controlnet", Path(controlnet_folder) / CONTROLNET_IR, "ControlNet"),
-                                                ("unet", Path(sd_folder) / UNET_IR, "UNet"))):
-        part_started = time.perf_counter()
-        report(0.4 + 0.3 * index, f"Quantizing the {label} to INT8 ({len(samples[name])} calibration samples)")
-        counts[name] = _quantize_one(xml, samples.pop(name), Path(out_dir) / xml.name, label, overflow_fix,
-                                     ignored_types)
-        timings[f"{name}_s"] = round(time.perf_counter() - part_started, 1)
-    report(1.0, "INT8 models ready")
+    progress(0.0, f"Calibrating INT8: {settings.runs} FP16 images of {settings.steps} steps")
+    try:
+        phases["gather"] = _timed(run, gather_phase, scaled(progress, 0.0, 0.4), sd_folder=str(sd_folder),
+                                  controlnet_folder=str(controlnet_folder), samples_dir=str(samples_dir),
+                                  settings=settings, lcm_folder=str(lcm_folder) if lcm_folder else None,
+                                  taesd_folder=str(taesd_folder) if taesd_folder else None, ov_config=ov_config)
+        for index, (name, xml, label) in enumerate((("controlnet", Path(controlnet_folder) / CONTROLNET_IR, "ControlNet"),
+                                                    ("unet", Path(lcm_folder or sd_folder) / UNET_IR, "UNet"))):
+            progress(0.4 + 0.3 * index, f"Quantizing the {label} to INT8 ({phases['gather']['kept'][name]} "
+                                        "calibration samples; statistics in several passes, to save memory)")
+            phases[name] = _timed(run, quantize_phase, scaled(progress, 0.4 + 0.3 * index, 0.7 + 0.3 * index),
+                                  xml=str(xml), samples_dir=str(samples_dir), name=name,
+                                  out_xml=str(Path(out_dir) / f"{name}.xml"), overflow_fix=overflow_fix,
+                                  ignored_types=list(ignored_types), stat_chunks=stat_chunks)
+    finally:
+        shutil.rmtree(samples_dir, ignore_errors=True)
+    progress(1.0, "INT8 models ready")
+    used = phases["gather"]["kept"]
     return {
         "precision": "int8",
+        "mode": mode,
         "method": sd_int8_method(ignored_types),
         "nncf": {"function": "nncf.quantize", "model_type": "TRANSFORMER", "disable_bias_correction": True,
                  "ignored_types": list(ignored_types), "overflow_fix": overflow_fix,
                  "subset_size": settings.subset_size},
         "calibration_samples": used["unet"],
         "calibration_samples_per_model": used,
-        "calibration": (f"{settings.runs} FP16 images x {settings.steps} UniPC steps at {settings.width}x{settings.height}, "
-                        f"CFG {settings.guidance_scale:g}; {data.sources['prompts']}; {data.sources['poses']}"),
+        "calibration": f"{settings.describe()}; {data.sources['prompts']}; {data.sources['poses']}",
         "calibration_sources": data.sources,
         "calibration_key": data.key,
-        "int8_ops": counts,
-        "timings": timings,
+        "int8_ops": {name: phases[name]["int8_ops"] for name in ("controlnet", "unet")},
+        "timings": {f"{name}_s": phase["seconds"] for name, phase in phases.items()},
+        "low_memory": {"child_processes": children,
+                       "statistics_chunks": {name: phases[name]["statistics_chunks"] for name in ("controlnet", "unet")},
+                       "peak_rss_mb": {name: phase["peak_rss_mb"] for name, phase in phases.items()},
+                       "calibration_on_disk_mb": phases["gather"]["disk_mb"]},
         "fp16_models": {"sd": str(sd_folder), "controlnet": str(controlnet_folder)},
+        **({"lcm_unet": str(lcm_folder)} if lcm_folder is not None else {}),
         "stays_fp16": ["text_encoder", "vae_decoder"],
     }
 
 
-def _quantize_one(xml: Path, samples: list[dict], out: Path, label: str, overflow_fix: str,
-                  ignored_types: Sequence[str]) -> dict[str, int]:
-    """Quantize one FP16 IR on its calibration samples into ``out`` (the model freed right after);
-    how much of it is INT8."""
-    import openvino as ov
-
-    quantized = quantize_sd_model(ov.Core().read_model(xml), samples, overflow_fix, ignored_types)
-    ov.save_model(quantized, out, compress_to_fp16=True)
-    del quantized, samples
-    gc.collect()
-    counts = count_int8(out)
-    if not counts["fake_quantize"]:
-        raise RuntimeError(f"NNCF left the {label} without any INT8 operation; the FP16 model cannot be quantized.")
-    return counts
+def _timed(run: Callable, target: Callable, progress: ProgressFn, **kwargs) -> dict:
+    """``run(target, progress, **kwargs)`` (in a child process, or here) with its time in ``"seconds"``."""
+    started = time.perf_counter()
+    result = run(target, progress, **kwargs)
+    return {**result, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def ensure_sd_int8(
@@ -401,32 +245,41 @@ def ensure_sd_int8(
     ov_config: Optional[dict] = None,
     progress: ProgressFn = no_progress,
     quantizing: Callable[[], ContextManager] = nullcontext,
+    lcm_folder: Optional[Path] = None,
+    taesd_folder: Optional[Path] = None,
 ) -> Path:
     """Return the folder with the INT8 ``unet.xml`` and ``controlnet.xml`` for FP16 IR folders
-    ``sd_folder`` + ``controlnet_folder`` (made by :func:`ensure_sd15` / :func:`ensure_controlnet`),
-    quantizing once (see :func:`quantize_sd_int8`).
+    ``sd_folder`` + ``controlnet_folder`` (made by :func:`ensure_sd15` / :func:`ensure_controlnet`; with
+    ``lcm_folder``, Fast mode's fused UNet instead of SD1.5's), quantizing once (see :func:`quantize_sd_int8`).
 
     The UNet and the ControlNet are quantized as a pair because the calibration runs them together
-    (the UNet's inputs include the ControlNet's residuals). ``calibration`` is a
-    :class:`SDCalibration` (default: from the environment). The marker file
-    records the method, the number of calibration samples and where the prompts and poses came from.
-    ``quantizing()`` is a context the quantization runs in, entered only when it has to run (e.g. to
-    free memory for it and keep other work from taking that memory back meanwhile).
+    (the UNet's inputs include the ControlNet's residuals). ``calibration`` is a :class:`SDCalibration`
+    (default: from the environment), used with the mode's recipe. The marker file records the method,
+    the number of calibration samples and where the prompts and poses came from. ``quantizing()`` is a
+    context the quantization runs in, entered only when it has to run (e.g. to free memory for it and
+    keep other work from taking that memory back meanwhile); inside it the memory is checked first
+    (:func:`int8_memory_needed`): too little refuses INT8 with a message
+    (:class:`~pipelines.core.memory.NotEnoughMemory`).
     """
-    settings = calibration or SDCalibration.from_env()
+    settings = (calibration or SDCalibration.from_env()).for_mode(FAST if lcm_folder is not None else QUALITY)
     data = settings.load()  # cheap (prompts + a few skeleton images); user-data errors surface here
     sd_folder, controlnet_folder = Path(sd_folder), Path(controlnet_folder)
     sd_summary = json.loads((sd_folder / PIPELINE_JSON).read_text())
     cn_summary = json.loads((controlnet_folder / PIPELINE_JSON).read_text())
     layout = ModelsLayout.of(models)
-    folder = layout.sd_int8(sd_folder, controlnet_folder, data.key)
+    folder = layout.sd_int8(sd_folder, controlnet_folder, data.key, lcm_folder=lcm_folder)
 
     def build(tmp: Path) -> dict:
         with quantizing():
-            facts = quantize_sd_int8(sd_folder, controlnet_folder, tmp, settings, data=data,
-                                     ov_config=ov_config, progress=progress)
+            needed = int8_memory_needed(Path(lcm_folder or sd_folder) / UNET_IR, settings)
+            memory = check_memory(needed, "making the INT8 image models",
+                                  "Precision FP16 works without them (it needs no quantization).")
+            facts = quantize_sd_int8(sd_folder, controlnet_folder, tmp, settings, data=data, ov_config=ov_config,
+                                     progress=progress, lcm_folder=lcm_folder, taesd_folder=taesd_folder)
+        facts["low_memory"].update(needed_gb=round(needed / GB, 2), available_gb=(
+            round(memory["available"] / GB, 1) if memory.get("available") else None))
         (tmp / PIPELINE_JSON).write_text(json.dumps({
-            "kind": "sd15_int8", "unet": UNET_IR, "controlnet": CONTROLNET_IR,
+            "kind": "sd15_int8", "unet": UNET_IR, "controlnet": CONTROLNET_IR, "mode": facts["mode"],
             "sd_folder": sd_folder.name, "controlnet_folder": controlnet_folder.name,
         }, indent=2))
         return facts

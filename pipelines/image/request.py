@@ -1,9 +1,12 @@
 """What an image request is: its options, the checks they pass before any heavy work, the seeds
 of its images, and the PNG files that carry their settings.
 
-* :class:`ImageOptions` - what to generate (frozen); :func:`check_inputs` validates options and the
-  pose image before any model is touched and raises ``ValueError`` with a message for the user.
-  Cheap: imports only Pillow/numpy.
+* :class:`ImageOptions` - what to generate (frozen), in one of two modes (:data:`MODES`): **quality**
+  (SD1.5 as trained: 20 steps, classifier-free guidance, a choice of schedulers, the full VAE) or
+  **fast** (the LCM-LoRA fused into the UNet, the LCM scheduler, 4 steps without guidance, the tiny
+  TAESD decoder), each with its own step and guidance ranges (:data:`MODE_LIMITS`);
+  :func:`check_inputs` validates options and the pose image before any model is touched and raises
+  ``ValueError`` with a message for the user. Cheap: imports only Pillow/numpy.
 * :func:`resolve_seeds` - image ``i`` of a request is the picture a single-image request with seed
   ``seed + i`` makes (the pipeline gives each its own ``torch.Generator``).
 * :class:`GenerationResult`, :func:`save_png` / :func:`read_png_metadata` - PNG files carrying their
@@ -32,15 +35,43 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "LMS": ("LMSDiscreteScheduler", {}),
 }
 SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)
+#: Fast mode's scheduler: the one the LCM-LoRA was distilled for (not offered in Quality mode).
+FAST_SCHEDULER = "LCM"
+ALL_SCHEDULERS: dict[str, tuple[str, dict]] = {**SCHEDULERS, FAST_SCHEDULER: ("LCMScheduler", {})}
 
 MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 256, 1024, 8
-MIN_STEPS, MAX_STEPS = 1, 100
 MIN_IMAGES, MAX_IMAGES = 1, 4
-MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 20.0
 MIN_CONTROLNET_SCALE, MAX_CONTROLNET_SCALE = 0.0, 2.0
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 2000
 PNG_JSON_KEY = "voice_studio"
+
+QUALITY, FAST = "quality", "fast"
+MODES: tuple[str, ...] = (QUALITY, FAST)
+#: The decoders of the final image: the SD VAE, or TAESD (tiny: about 1/30 of the VAE's time).
+DECODERS: tuple[str, ...] = ("vae", "taesd")
+
+
+@dataclass(frozen=True)
+class ModeLimits:
+    """What a mode takes: its steps and guidance ranges and defaults, and the final image's decoder."""
+
+    label: str
+    steps: tuple[int, int]
+    default_steps: int
+    guidance: tuple[float, float]
+    default_guidance: float
+    decoder: str
+    previews_every: int  # a live preview every this many steps (the final step gives the image itself)
+
+
+MODE_LIMITS: dict[str, ModeLimits] = {
+    # SD1.5 as trained; a preview every 4 steps costs under 2% of a step each (TAESD).
+    QUALITY: ModeLimits("Quality", (1, 100), 20, (1.0, 20.0), 7.5, "vae", 4),
+    # LCM-LoRA: 2-8 steps; guidance 1 runs no classifier-free guidance (one UNet batch, half the work),
+    # up to 2 is the small CFG the LCM-LoRA recipe allows.
+    FAST: ModeLimits("Fast", (1, 8), 4, (1.0, 2.0), 1.0, "taesd", 1),
+}
 
 PoseImageInput = Union[Image.Image, np.ndarray, str, Path, None]
 CancelCheck = Union[Callable[[], bool], threading.Event, None]
@@ -61,7 +92,22 @@ class ImageOptions:
     num_images: int = 1
     width: int = 512
     height: int = 512
-    scheduler: str = "UniPC"
+    scheduler: str = "UniPC"  # Quality mode's; Fast mode always runs the LCM scheduler
+    mode: str = QUALITY
+    decoder: Optional[str] = None  # the final image's decoder ("vae" or "taesd"); None: the mode's
+
+    @property
+    def sampler(self) -> str:
+        """The scheduler that runs: Fast mode's LCM, else the chosen one."""
+        return FAST_SCHEDULER if self.mode == FAST else self.scheduler
+
+    @property
+    def limits(self) -> ModeLimits:
+        return MODE_LIMITS.get(self.mode, MODE_LIMITS[QUALITY])
+
+    @property
+    def final_decoder(self) -> str:
+        return self.decoder or self.limits.decoder
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -172,14 +218,9 @@ def check_options(options: ImageOptions) -> None:
                 f"{name} is {value!r}; it must be a whole number of pixels from {MIN_SIZE} to {MAX_SIZE} "
                 f"and a multiple of {SIZE_MULTIPLE} (e.g. 512)."
             )
-    if not _is_int(options.steps) or not MIN_STEPS <= options.steps <= MAX_STEPS:
-        problems.append(f"Steps is {options.steps!r}; choose a whole number from {MIN_STEPS} to {MAX_STEPS} (20 is typical).")
+    problems += _mode_problems(options)
     if not _is_int(options.num_images) or not MIN_IMAGES <= options.num_images <= MAX_IMAGES:
         problems.append(f"Number of images is {options.num_images!r}; choose from {MIN_IMAGES} to {MAX_IMAGES}.")
-    if not _is_number(options.guidance_scale) or not MIN_GUIDANCE <= options.guidance_scale <= MAX_GUIDANCE:
-        problems.append(
-            f"Guidance scale is {options.guidance_scale!r}; choose from {MIN_GUIDANCE:g} to {MAX_GUIDANCE:g} (7.5 is typical)."
-        )
     if not _is_number(options.controlnet_scale) or not MIN_CONTROLNET_SCALE <= options.controlnet_scale <= MAX_CONTROLNET_SCALE:
         problems.append(
             f"ControlNet strength is {options.controlnet_scale!r}; choose from {MIN_CONTROLNET_SCALE:g} "
@@ -187,12 +228,42 @@ def check_options(options: ImageOptions) -> None:
         )
     if not _is_int(options.seed) or not -1 <= options.seed <= MAX_SEED:
         problems.append(f"Seed is {options.seed!r}; use a whole number from 0 to {MAX_SEED}, or -1 for a random seed.")
-    if options.scheduler not in SCHEDULERS:
+    if options.mode != FAST and options.scheduler not in SCHEDULERS:
         problems.append(f"Unknown sampler {options.scheduler!r}; choose one of: {', '.join(SCHEDULER_NAMES)}.")
+    if options.decoder is not None and options.decoder not in DECODERS:
+        problems.append(f"Unknown decoder {options.decoder!r}; choose one of: {', '.join(DECODERS)}.")
     if any(isinstance(v, float) and not np.isfinite(v) for v in (options.guidance_scale, options.controlnet_scale)):
         problems.append("Guidance and ControlNet strength must be finite numbers.")
     if problems:
         raise ValueError(" ".join(dict.fromkeys(problems)))
+
+
+def check_mode(mode: Any) -> str:
+    """``mode`` as one of :data:`MODES` (any case), or a ``ValueError`` that says what to give."""
+    value = mode.strip().lower() if isinstance(mode, str) else mode
+    if value not in MODES:
+        raise ValueError(f"Mode {mode!r} is not offered; choose one of {', '.join(MODES)} (fast: LCM-LoRA, "
+                         "4 steps and the tiny TAESD decoder, seconds on a CPU; quality: 20 steps with guidance).")
+    return value
+
+
+def _mode_problems(options: ImageOptions) -> list[str]:
+    """The steps and guidance checks of the options' mode (each mode has its own ranges)."""
+    if options.mode not in MODES:
+        try:
+            check_mode(options.mode)
+        except ValueError as error:
+            return [str(error)]
+    limits, problems = options.limits, []
+    (low, high), mode = limits.steps, f" in {limits.label} mode" if options.mode == FAST else ""
+    if not _is_int(options.steps) or not low <= options.steps <= high:
+        problems.append(f"Steps is {options.steps!r}; choose a whole number from {low} to {high}{mode} "
+                        f"({limits.default_steps} is typical).")
+    (low, high) = limits.guidance
+    if not _is_number(options.guidance_scale) or not low <= options.guidance_scale <= high:
+        problems.append(f"Guidance scale is {options.guidance_scale!r}; choose from {low:g} to {high:g}{mode} "
+                        f"({limits.default_guidance:g} is typical).")
+    return problems
 
 
 def check_inputs(options: ImageOptions, pose_image: PoseImageInput) -> Image.Image:
@@ -226,7 +297,7 @@ def parameters_text(options: ImageOptions, seed: Optional[int] = None, extra: Op
         lines.append(f"Negative prompt: {options.negative_prompt}")
     fields = [
         f"Steps: {options.steps}",
-        f"Sampler: {options.scheduler}",
+        f"Sampler: {options.sampler}",
         f"CFG scale: {options.guidance_scale:g}",
         f"Seed: {seed}",
         f"Size: {options.width}x{options.height}",
@@ -236,6 +307,10 @@ def parameters_text(options: ImageOptions, seed: Optional[int] = None, extra: Op
     if extra.get("controlnet_model"):
         fields.append(f"ControlNet: {extra['controlnet_model']}")
     fields.append(f"ControlNet weight: {options.controlnet_scale:g}")
+    fields.append(f"Mode: {options.limits.label}")
+    if options.mode == FAST and extra.get("lcm_lora"):
+        fields.append(f"LoRA: {extra['lcm_lora']}")
+    fields.append(f"Decoder: {options.final_decoder.upper()}")
     if extra.get("precision"):
         fields.append(f"Precision: {str(extra['precision']).upper()}")
     lines.append(", ".join(fields))

@@ -79,6 +79,21 @@ class VaeDecoderWrapper(torch.nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
+class TaesdDecoderWrapper(torch.nn.Module):
+    """TAESD's decoder (``AutoencoderTiny.decode``: latents -> [-1, 1]) followed by what diffusers'
+    ``VaeImageProcessor.postprocess`` + PIL do to it: ``(x / 2 + 0.5).clamp(0, 1) * 255``, rounded,
+    NHWC uint8. A preview is then one ``Image.fromarray`` away (0.4 ms instead of 7-66 ms)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        image = self.vae.decode(latent_sample, return_dict=False)[0]
+        image = (image / 2 + 0.5).clamp(0, 1) * 255.0
+        return torch.round(image).permute(0, 2, 3, 1).to(torch.uint8)
+
+
 def to_ir(module, example: tuple, input_names: list[str], output_names: list[str], dynamic: list[list[int]]):
     """Trace ``module`` with ``example`` inputs; name inputs/outputs; make marked dims dynamic.
 
