@@ -174,7 +174,7 @@ def _processes_mentioning(marker: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def ray_app(models_dir, tiny_models, tmp_path_factory):
+def ray_app(models_dir, tiny_models, fast_models, tmp_path_factory):
     """The app launched with ``--ray``: a local Ray instance, 2 Whisper replicas and 1 image replica."""
     import app
 
@@ -187,7 +187,8 @@ def ray_app(models_dir, tiny_models, tmp_path_factory):
          "args": {}, "deployments": [{"name": "whisper", "health_check_period_s": 1}]},
         {"name": "image", "route_prefix": None, "import_path": "pipelines.serve.deployments:image_app",
          "args": {"sd_model": str(tiny_models["sd"]), "controlnet_model": str(tiny_models["controlnet"]),
-                  "pose_model": str(tiny_models["pose"]), "threads": None},  # OpenVINO's threads, as embedded
+                  "pose_model": str(tiny_models["pose"]), "lcm_lora": str(fast_models["lcm_lora"]),
+                  "taesd": str(fast_models["taesd"]), "threads": None},  # OpenVINO's threads, as embedded
          "deployments": [{"name": "image", "health_check_period_s": 1}]}]}))  # JSON is YAML
     port = free_port()
     args = app.parse_args(["--ray", "--ray-config", str(config), "--ray-replicas", "whisper=2", "--ray-cpus",
@@ -508,6 +509,28 @@ def test_image_and_pose_through_the_deployment_match_embedded_and_cancel_stops(r
     time.sleep(1.0)
     stats = ray_app.services.image.handle.broadcast("stats").results(timeout_s=30)[0]
     assert stats["cancelled"] >= 1 and stats["ongoing"] == 0, stats
+
+
+@pytest.mark.slow
+def test_fast_mode_and_its_live_previews_cross_the_boundary(ray_app):
+    """Issue #20 on Ray: Fast mode runs in the image replica, its previews reach the front end in step
+    order as they are made, and the image is the one embedded makes for the seed."""
+    from PIL import Image, ImageDraw
+
+    from pipelines.image.request import ImageOptions
+    from pipelines.services import DEFAULT_CONCURRENCY, Services
+
+    embedded = Services(replace(ray_app.services.settings, concurrency=dict(DEFAULT_CONCURRENCY)))
+    pose = Image.new("RGB", (256, 256), "black")
+    ImageDraw.Draw(pose).line([(128, 40), (128, 160), (80, 230)], fill=(255, 0, 0), width=6)
+    options = ImageOptions(prompt="a dancer", steps=3, guidance_scale=1.0, seed=5, width=256, height=256, mode="fast")
+    previews: list = []
+    remote = ray_app.services.image.generate(options, pose, preview=previews.append)
+    local = embedded.image.generate(options, pose)
+    assert remote.extra["mode"] == "fast" and remote.seeds == local.seeds == (5,)
+    assert np.array_equal(np.asarray(remote.images[0]), np.asarray(local.images[0]))
+    assert [(p.index, p.step, p.steps) for p in previews] == [(0, 1, 3), (0, 2, 3)]
+    assert all(p.image.size == (256, 256) for p in previews)
 
 
 @pytest.mark.slow

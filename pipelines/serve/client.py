@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional, Union
 from pipelines.core.errors import ServiceUnavailable
 from pipelines.core.progress import ProgressFn, no_progress
 from pipelines.image.request import CancelCheck, is_cancelled
-from pipelines.serve.protocol import MAIN, PROGRESS, RESULT, STARTED
+from pipelines.serve.protocol import MAIN, PREVIEW, PROGRESS, RESULT, STARTED
 
 Progress = Union[ProgressFn, Mapping[str, ProgressFn]]
 DEADLINE_S = 3600.0  # one call, all its tries, at most (a first INT8 image quantization takes ~15 minutes)
@@ -211,6 +211,8 @@ class RemoteCall:
             elif kind == PROGRESS:
                 channels.get(event.get("channel", MAIN), channels.get(MAIN, no_progress))(
                     event["fraction"], event["message"])
+            elif kind == PREVIEW and PREVIEW in channels:
+                channels[PREVIEW](event["value"])
             elif kind == RESULT:
                 self.book.note(self.deployment, event["replica"], served=1, loaded=event.get("loaded", []))
                 self.last.info.update(replica=event["replica"], replica_seconds=event.get("seconds"))

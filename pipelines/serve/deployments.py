@@ -79,9 +79,12 @@ class ImageDeployment(StreamingReplica):
         return [list(key) for key in self.image.loaded()]
 
     async def generate(self, options, pose_image, kwargs: dict):
+        previews = kwargs.pop("previews", False)  # the caller wants live previews sent as they come
+
         def work(progress, cancel):
             return self.image.generate(options, pose_image, progress=progress.to(STEPS), cancel=cancel,
-                                       load_progress=progress, **kwargs)
+                                       load_progress=progress, preview=progress.preview if previews else None,
+                                       **kwargs)
 
         async for event in self._stream(work):
             yield event

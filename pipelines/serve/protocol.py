@@ -5,6 +5,8 @@ A streaming call yields events (dicts):
 - ``{"kind": "started", "replica": id, "pid": pid}``: first, always (the front end learns who runs it);
 - ``{"kind": "progress", "channel": name, "fraction": f, "message": m}``: any number; ``channel`` is
   ``"main"`` or, for an image, ``"steps"`` (denoising steps; getting the models ready is ``"main"``);
+- ``{"kind": "preview", "value": preview}``: an image generation's live previews
+  (:class:`pipelines.image.denoise.Preview`, its PIL image pickled), when the caller asked for them;
 - ``{"kind": "alive"}``: every :data:`HEARTBEAT_S` seconds while nothing else was sent;
 - ``{"kind": "result", "value": v, "replica": id, "seconds": s, "loaded": [...]}``: last, or the call
   raises the service's own exception.
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 HEARTBEAT_S = 5.0
-STARTED, PROGRESS, ALIVE, RESULT = "started", "progress", "alive", "result"
+STARTED, PROGRESS, PREVIEW, ALIVE, RESULT = "started", "progress", "preview", "alive", "result"
 MAIN, STEPS = "main", "steps"
 
 

@@ -14,7 +14,7 @@ from pipelines.core.progress import ProgressFn, no_progress
 from pipelines.core.types import ModelChoice
 from pipelines.image.request import CancelCheck, GenerationCancelled, load_pose_image
 from pipelines.serve.client import CallCancelled, RemoteCall, ReplicaBook, broadcast
-from pipelines.serve.protocol import MAIN, STEPS, as_sent
+from pipelines.serve.protocol import MAIN, PREVIEW, STEPS, as_sent
 from pipelines.speech.types import TranscribeOptions
 
 LOAD_TIMEOUT_S = 3600.0  # loading everywhere may convert (and quantize) the model first
@@ -78,10 +78,12 @@ class RemoteImage:
 
     def generate(self, options, pose_image, *, sd_ref: Optional[str] = None, controlnet_ref: Optional[str] = None,
                  device: Optional[str] = None, progress: ProgressFn = no_progress, cancel: CancelCheck = None,
-                 load_progress: ProgressFn = no_progress, precision: str = "fp16"):
-        kwargs = dict(sd_ref=sd_ref, controlnet_ref=controlnet_ref, device=device, precision=precision)
-        return self._run("generate", options, _pixels(pose_image), kwargs,
-                         progress={MAIN: load_progress, STEPS: progress}, cancel=cancel)
+                 load_progress: ProgressFn = no_progress, precision: str = "fp16", preview: Any = None):
+        """``preview`` gets the live previews the replica sends (they cross as events, like progress)."""
+        kwargs = dict(sd_ref=sd_ref, controlnet_ref=controlnet_ref, device=device, precision=precision,
+                      previews=preview is not None)
+        channels = {MAIN: load_progress, STEPS: progress, **({PREVIEW: preview} if preview is not None else {})}
+        return self._run("generate", options, _pixels(pose_image), kwargs, progress=channels, cancel=cancel)
 
     def compare(self, options, pose_image, *, sd_ref: Optional[str] = None, controlnet_ref: Optional[str] = None,
                 device: Optional[str] = None, cancel: CancelCheck = None, progress: ProgressFn = no_progress):

@@ -26,13 +26,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
-from pipelines.serve.protocol import ALIVE, HEARTBEAT_S, MAIN, PROGRESS, RESULT, STARTED, Cancelled
+from pipelines.serve.protocol import ALIVE, HEARTBEAT_S, MAIN, PREVIEW, PROGRESS, RESULT, STARTED, Cancelled
 from pipelines.services import DEFAULT_CONCURRENCY, Services, Settings
 
 #: Settings a front end hands its replicas (and a Serve config file's ``args`` may set); plus ``slots``
 #: (runs at once per replica), ``threads`` and ``ov_config``.
 SETTINGS_ARGS = ("models_dir", "default_model", "default_device", "max_loaded_whisper", "whisper_int8",
-                 "sd_model", "controlnet_model", "pose_model", "max_audio_seconds")
+                 "sd_model", "controlnet_model", "pose_model", "max_audio_seconds", "lcm_lora", "taesd",
+                 "fast_decoder")
 REPLICA_ARGS = ("slots", "threads", "ov_config")
 WORKER_THREADS = 8  # calls of one replica running at once (its max_ongoing_requests is lower)
 
@@ -92,15 +93,21 @@ class Relay:
 
     def to(self, channel: str) -> Callable[[float, str], None]:
         def report(fraction: float, message: str) -> None:
-            if self.cancel.is_set():
-                raise Cancelled("cancelled by the caller")
-            event = {"kind": PROGRESS, "channel": channel, "fraction": float(fraction), "message": str(message)}
-            try:
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-            except RuntimeError:  # the replica is shutting down: nobody listens any more
-                pass
+            self._send({"kind": PROGRESS, "channel": channel, "fraction": float(fraction), "message": str(message)})
 
         return report
+
+    def preview(self, preview: Any) -> None:
+        """A live preview of an image generation, to the caller."""
+        self._send({"kind": PREVIEW, "value": preview})
+
+    def _send(self, event: dict) -> None:
+        if self.cancel.is_set():
+            raise Cancelled("cancelled by the caller")
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the replica is shutting down: nobody listens any more
+            pass
 
     def __call__(self, fraction: float, message: str) -> None:
         self.to(MAIN)(fraction, message)
