@@ -240,10 +240,13 @@ class WhisperService:
         texts: list[str] = []
         context: list[str] = []  # text since the last reset: the next window's prompt
         detected: Optional[str] = None
+        previous: Optional[str] = None  # the last segment of the window before: a loop may cross windows
         for index, (window, samples) in enumerate(pieces):
             progress(0.9 + 0.1 * index / max(count, 1), f"transcribe part {index + 1} of {count}")
             prompt = make_prompt(loaded, context, self.guards.prompt_tokens)
-            decoded = decode_window(loaded, samples, options, language, prompt, self.guards)
+            decoded = decode_window(loaded, samples, options, language, prompt, self.guards, previous)
+            if decoded.chunks or decoded.text:
+                previous = decoded.chunks[-1].text if decoded.chunks else decoded.text
             if decoded.temperature > self.guards.prompt_reset_temperature:
                 context.clear()  # a window that needed hot sampling is no context for the next one
             elif decoded.text:
