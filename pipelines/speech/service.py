@@ -211,6 +211,12 @@ class WhisperService:
             lambda p, part: transcribe(audio, choices[p], options, part),
             progress, slots=self.slots, prepare=lambda p, part: self.prepare(choices[p], part, options))
 
+    def load_checked(self, choice: ModelChoice, options: TranscribeOptions,
+                     progress: ProgressFn = no_progress) -> LoadedWhisper:
+        """The pipeline ``options`` need (with word timestamps or not), loaded once; a task or language
+        the model cannot take is refused (live captions decode with it outside :meth:`transcribe`)."""
+        return self._load_for(choice, options, progress)
+
     def _load_for(self, choice: ModelChoice, options: TranscribeOptions, progress: ProgressFn) -> LoadedWhisper:
         loaded = self.load(choice, progress, words=options.word_timestamps)
         if options.task == "translate" and not loaded.multilingual:
