@@ -233,3 +233,38 @@ def test_at_most_max_streams_are_open_at_once(live_service, tmp_path):
     third = open_stream(live_service, engine, tmp_path)
     assert live_service.open_streams() == 2
     second.close(), third.close()
+
+
+# --------------------------------------------------------------------------- the Speech tab's handlers
+def test_live_mode_handlers_stream_render_and_finish(services, tiny_whisper_hf, english_clip):
+    """The Live mode's handlers on the tiny random Whisper (nonsense text, real path): each chunk answers at
+    once with the captions as HTML (confirmed and tentative in their own spans), a new recording starts a
+    new stream, stop gives the whole text, segments and the four download files, and the page's state is
+    the stream (nothing kept elsewhere)."""
+    from pathlib import Path
+
+    from pipelines.speech.audio import load_audio
+    from ui.live_captions import make_live_handlers, render
+
+    on_chunk, on_stop, on_start = make_live_handlers(services)
+    pcm = (np.repeat(load_audio(english_clip), 3) * 32767).astype(np.int16)  # 48 kHz, as Chrome sends it
+    stream = None
+    for k in range(0, pcm.size, 4800):  # 0.1 s chunks
+        stream, page = on_chunk((48000, pcm[k:k + 4800]), stream, str(tiny_whisper_hf), "fp16", "CPU",
+                                "transcribe", "en")
+        assert "class='live-confirmed'" in page and "class='live-tentative'" in page
+    assert stream.state.received + sum(s.size for s in stream._waiting) == pytest.approx(pcm.size / 3, abs=64)
+    cleared = on_start(stream)
+    assert cleared[0] is None and cleared[2] == "" and not Path(stream.state.record_path).exists()
+    stream = None
+    for k in range(0, pcm.size, 24000):
+        stream, _ = on_chunk((48000, pcm[k:k + 24000]), stream, str(tiny_whisper_hf), "fp16", "CPU", "transcribe", "en")
+    state, page, text, language, segments, files = on_stop(stream, progress=lambda *a, **k: None)
+    assert state is None and language == "en" and isinstance(text, str)
+    assert sorted(Path(f).suffix for f in files) == [".json", ".srt", ".txt", ".vtt"]
+    assert all(Path(f).parent == stream.folder for f in files)
+    assert not Path(stream.state.record_path).exists()
+    from pipelines.speech.live_stream import Captions
+
+    shown = render(Captions("<b>said</b>", "maybe", "en", 3.0, 0.0, "listening", ""))
+    assert "&lt;b&gt;said&lt;/b&gt;" in shown and "<span class='live-tentative'>maybe</span>" in shown

@@ -161,19 +161,23 @@ def compression_ratio(text: str) -> float:
     return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
-def longest_repeat_run(text: str, max_ngram: int = 6) -> int:
-    """The most consecutive repetitions of any word n-gram (n <= max_ngram) in ``text``."""
-    words = [w.lower() for w in _WORDS.findall(text)]
+def _most_copies(words: list[str], lengths: Iterable[int]) -> int:
+    """The most consecutive copies of any run of ``n`` words, ``n`` in ``lengths``."""
     best = 1
-    for n in range(1, max_ngram + 1):
+    for n in lengths:
         i = 0
         while i + 2 * n <= len(words):
             run = 1
             while words[i + run * n:i + (run + 1) * n] == words[i:i + n]:
                 run += 1
             best = max(best, run)
-            i += max(1, (run - 1) * n) if run > 1 else 1
+            i += (run - 1) * n if run > 1 else 1
     return best
+
+
+def longest_repeat_run(text: str, max_ngram: int = 6) -> int:
+    """The most consecutive repetitions of any word n-gram (n <= max_ngram) in ``text``."""
+    return _most_copies([w.lower() for w in _WORDS.findall(text)], range(1, max_ngram + 1))
 
 
 def looks_degenerate(text: str, threshold: float = 2.4, max_run: int = 4) -> bool:
@@ -189,16 +193,7 @@ def same_words(a: str, b: str, min_words: int = 1) -> bool:
 def longest_phrase_run(words: list[str], min_words: int = 3, max_words: int = 20) -> int:
     """The most consecutive copies of any phrase of min_words..max_words words (longer phrases than
     longest_repeat_run's 6-word n-grams: a 7-word sentence said three times is a loop too)."""
-    best = 1
-    for n in range(min_words, min(max_words, len(words) // 2) + 1):
-        i = 0
-        while i + 2 * n <= len(words):
-            run = 1
-            while words[i + run * n:i + (run + 1) * n] == words[i:i + n]:
-                run += 1
-            best = max(best, run)
-            i += (run - 1) * n if run > 1 else 1
-    return best
+    return _most_copies(words, range(min_words, min(max_words, len(words) // 2) + 1))
 
 
 def segment_loop(segments: list[str], previous: Optional[str] = None, min_words: int = 4, copies: int = 3) -> bool:

@@ -9,7 +9,8 @@ One step (times in seconds of the stream):
 1. :func:`feed`: append the samples; Silero speech probabilities for the new whole 32 ms frames (the
    VAD's recurrent state is carried in the state); append them to the recording on disk, if any.
 2. :func:`plan`: decode only when enough new audio came (``min_new_audio``, or more while the last
-   decodes were slow: live decodes take at most ``max_share`` of real time). No speech held: drop all
+   decodes were slow: live decodes take at most ``max_share`` of real time), or as soon as a pause ends
+   a stretch of speech (its last words are then confirmed without waiting). No speech held: drop all
    but ``pad`` s, decode nothing (silence, breathing and noise never reach Whisper). Language auto:
    wait for ``min_detect_speech`` s of speech (a short first clip misleads detection).
 3. the decoder hears the unconfirmed audio (at most 30 s), prompted with the confirmed words said
@@ -87,6 +88,8 @@ class LiveConfig:
     min_new_audio: float = 1.0  # decode when this much audio came since the last decode ...
     max_share: float = 0.6  # ... or more, so that decoding takes at most this share of real time
     pause: float = 0.5  # silence after speech that confirms everything before it
+    decode_at_pause: bool = True  # decode as soon as a pause is heard (not only every min_new_audio) ...
+    pause_min_new_audio: float = 0.3  # ... once at least this much audio came since the last decode
     pad: float = 0.3  # audio kept before speech (the first phoneme) and after it at a pause
     prompt_words: int = 40  # confirmed words given as Whisper's prompt (0: none)
     trim_after: float = 10.0  # keep confirmed audio as context until the buffer is this long
@@ -200,10 +203,16 @@ def _cut(state: LiveState, at: float) -> None:
 
 # --------------------------------------------------------------------------------- planning
 def due(state: LiveState) -> bool:
-    """Whether enough new audio came for a decode (more while decodes are slow: ``max_share``)."""
+    """Whether enough new audio came for a decode (more while decodes are slow: ``max_share``), or a
+    pause just ended a stretch of speech no decode has heard to its end (its words are confirmed at once)."""
     config = state.config
-    wait = max(config.min_new_audio, state.last_step_seconds / max(config.max_share, 1e-3))
-    return (state.received - state.decoded_at) / SAMPLE_RATE >= wait
+    new = (state.received - state.decoded_at) / SAMPLE_RATE
+    if new >= max(config.min_new_audio, state.last_step_seconds / max(config.max_share, 1e-3)):
+        return True
+    if not config.decode_at_pause or new < config.pause_min_new_audio:
+        return False
+    spans = speech_spans(state)
+    return bool(spans) and spans[-1][1] > state.decoded_end and _analysed_end(state) - spans[-1][1] >= config.pause
 
 
 def plan(state: LiveState, force: bool = False) -> Optional[DecodeJob]:

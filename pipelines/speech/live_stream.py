@@ -242,23 +242,28 @@ class LiveStream:
             return "behind", f"behind by {state.behind:.1f} s: catching up (the server is busy)"
         return "listening", ""
 
-    def finish(self, refine: bool = True, progress: ProgressFn = no_progress) -> Transcript:
-        """Decode the rest, confirm all of it, and return the whole stream: with ``refine`` the recording
-        transcribed as a file (else the confirmed words). Deletes the recording."""
+    def end(self) -> Transcript:
+        """Stop taking chunks, decode the rest and confirm all of it: the confirmed words as a Transcript
+        (what the captions showed). The recording stays for :meth:`finish`."""
         with self._cond:
             self._closing = True
             self._cond.wait_for(lambda: not self._busy)
             if self.error is not None:
                 raise Refused(self.error)
+        if self._ready:
+            live.flush(self.state, self.engine)
+        return live.transcript_of(self.state, self.engine.choice.model)
+
+    def finish(self, refine: bool = True, progress: ProgressFn = no_progress) -> Transcript:
+        """:meth:`end`, then with ``refine`` the recording transcribed as a file (the same text, segments and
+        files as an upload); the recording is deleted."""
         try:
-            if self._ready:
-                live.flush(self.state, self.engine)
+            confirmed = self.end()
+            if not (refine and self.state.received):
+                return confirmed
             config = self.state.config
-            if refine and self.state.received:
-                wav = record_to_wav(Path(self.state.record_path))
-                language = self.state.language or config.language
-                return self.engine.transcribe_recording(wav, config.task, language, progress)
-            return live.transcript_of(self.state, self.engine.choice.model)
+            return self.engine.transcribe_recording(record_to_wav(Path(self.state.record_path)), config.task,
+                                                    self.state.language or config.language, progress)
         finally:
             self.close()
 
