@@ -49,8 +49,8 @@ CONFIGS = {
     "fp16-0.5": ("fp16", {"min_new_audio": 0.5}),
     "int8-0.5": ("int8", {"min_new_audio": 0.5}),
     "int8-1.0-no-pause-decode": ("int8", {"min_new_audio": 1.0, "decode_at_pause": False}),
-    "int8-0.5-trim15": ("int8", {"min_new_audio": 0.5, "trim_after": 15.0}),
-    "int8-0.5-no-prompt": ("int8", {"min_new_audio": 0.5, "prompt_words": 0}),
+    "int8-1.0-trim15": ("int8", {"min_new_audio": 1.0, "trim_after": 15.0}),
+    "int8-1.0-no-prompt": ("int8", {"min_new_audio": 1.0, "prompt_words": 0}),
 }
 
 
@@ -237,50 +237,55 @@ def run_config(services, name, audio, words, text, chunk, repeat, file_wers, sin
     return summary
 
 
+def _in_threads(jobs) -> list:
+    results = [None] * len(jobs)
+
+    def run(k, job):
+        results[k] = job()
+
+    threads = [threading.Thread(target=run, args=(k, job)) for k, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def contention(services, audio, words, text, chunk, name: str) -> dict:
-    """A stream beside two file transcriptions (started 5 s into it): the files' wall times alone and
-    beside the stream, the stream's delays; once with the live slot, once with live decodes taking the
-    transcription slots (the design not taken)."""
+    """Two file transcriptions of the paragraph at once (started 5 s into a stream): alone, beside a
+    stream whose decodes take the live slot, and beside one whose decodes take the transcription slots
+    (the design not taken); then two streams at once."""
     from pipelines.core.types import ModelChoice
     from pipelines.speech.live_stream import live_config
     from pipelines.speech.types import TranscribeOptions
 
     precision, fields = CONFIGS[name]
-    file_choice = ModelChoice(services.settings.default_model, "fp16", "CPU")
-    options = TranscribeOptions(language="en")
-    alone = []
-    for _ in range(2):
+    file_choice, options = ModelChoice(services.settings.default_model, "fp16", "CPU"), TranscribeOptions(language="en")
+    live_choice, config = ModelChoice(services.settings.default_model, precision, "CPU"), live_config("transcribe", "en", **fields)
+
+    def transcribe(delay: float = 0.0):
+        time.sleep(delay)
         start = time.perf_counter()
         services.whisper.transcribe(audio, file_choice, options)
-        alone.append(time.perf_counter() - start)
-    results = {"file_alone_s": statistics.median(alone)}
+        return time.perf_counter() - start
+
+    def stream():
+        with tempfile.TemporaryDirectory() as folder:
+            run = replay(services, live_choice, config, audio, words, chunk, Path(folder))
+        d = delays(run, words)
+        return {"confirmed_median": statistics.median(d["confirmed"]), "shown_median": statistics.median(d["shown"]),
+                "confirmed_p90": float(np.percentile(d["confirmed"], 90)), "decodes": len(run["decodes"])}
+
+    results = {"two files alone": {"files_s": _in_threads([transcribe, transcribe]), "load": os.getloadavg()[0]}}
+    print(f"contention: two files at once, no stream: {results['two files alone']['files_s']}", flush=True)
     for design, slots in (("live slot", services.live.slots), ("transcription slots", services.whisper.slots)):
         services.live.slots = slots
-        walls: list[float] = []
-
-        def transcribe_later():
-            time.sleep(5)
-            start = time.perf_counter()
-            services.whisper.transcribe(audio, file_choice, options)
-            walls.append(time.perf_counter() - start)
-
-        files = [threading.Thread(target=transcribe_later) for _ in range(2)]
-        for t in files:
-            t.start()
-        with tempfile.TemporaryDirectory() as folder:
-            run = replay(services, ModelChoice(services.settings.default_model, precision, "CPU"),
-                         live_config("transcribe", "en", **fields), audio, words, chunk, Path(folder))
-        for t in files:
-            t.join()
-        d = delays(run, words)
-        results[design] = {"files_s": walls, "confirmed_median": statistics.median(d["confirmed"]),
-                           "confirmed_p90": float(np.percentile(d["confirmed"], 90)),
-                           "shown_median": statistics.median(d["shown"]), "max_behind_decode_s": max(
-                               (x["audio_s"] for x in run["decodes"]), default=0.0), "load": os.getloadavg()[0]}
-        print(f"contention, live decodes in the {design}: files {', '.join(f'{w:.1f}' for w in walls)} s "
-              f"(alone {results['file_alone_s']:.1f} s); stream confirmed {results[design]['confirmed_median']:.2f} / "
-              f"{results[design]['confirmed_p90']:.2f} s, shown {results[design]['shown_median']:.2f} s", flush=True)
+        got = _in_threads([stream, lambda: transcribe(5.0), lambda: transcribe(5.0)])
+        results[f"stream + two files, {design}"] = dict(got[0], files_s=got[1:], load=os.getloadavg()[0])
+        print(f"contention, live decodes in the {design}: {results[f'stream + two files, {design}']}", flush=True)
     services.live.slots = services.whisper.pool.slots("live")
+    results["two streams"] = {"streams": _in_threads([stream, stream]), "load": os.getloadavg()[0]}
+    print(f"contention: two streams at once: {results['two streams']}", flush=True)
     return results
 
 
@@ -310,12 +315,15 @@ def format_profile(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="bundled/whisper-base")
-    parser.add_argument("--configs", nargs="+",
+    parser.add_argument("--configs", nargs="*",
                         default=["int8-1.0", "fp16-1.0", "int8-0.5", "fp16-0.5", "int8-1.0-no-pause-decode"],
                         choices=sorted(CONFIGS))
     parser.add_argument("--repeat", type=int, default=2, help="runs per config (medians reported)")
     parser.add_argument("--chunk", type=float, default=0.1, help="seconds per pushed chunk (the browser sends 0.1)")
-    parser.add_argument("--contention", action="store_true", help="also a stream beside two file transcriptions")
+    parser.add_argument("--contention", action="store_true",
+                        help="also: a stream beside two file transcriptions (live slot or transcription slots), "
+                             "two streams at once")
+    parser.add_argument("--contention-config", default="int8-1.0", choices=sorted(CONFIGS))
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models_cache")
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/live-<model>.json)")
     args = parser.parse_args()
@@ -329,7 +337,7 @@ def main() -> None:
     services = Services(Settings(models_dir=args.models_dir, default_model=args.model))
     audio, words, text = paragraph()
     file_wers = {}
-    for precision in sorted({CONFIGS[c][0] for c in args.configs} | {"fp16"}):
+    for precision in sorted({CONFIGS[c][0] for c in args.configs + [args.contention_config]} | {"fp16"}):
         choice = ModelChoice(args.model, precision, "CPU")
         services.whisper.load(choice)
         services.live.engine(choice).ready("transcribe", "en")
@@ -344,7 +352,7 @@ def main() -> None:
                for name in args.configs]
     out = {"title": title, "machine": info, "targets": TARGETS, "file_wer": file_wers, "results": results}
     if args.contention:
-        out["contention"] = contention(services, audio, words, text, args.chunk, args.configs[0])
+        out["contention"] = contention(services, audio, words, text, args.chunk, args.contention_config)
     print("\nper decode (medians, s):\n" + format_profile(results))
     path = args.out or ROOT / "benchmarks" / "results" / f"live-{args.model.replace('/', '-')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ sees the same sequence of decodes whatever the load.
 """
 from __future__ import annotations
 
+import html
 import threading
 import time
 from pathlib import Path
@@ -71,7 +72,7 @@ def test_stream_handler_on_real_speech(services, paragraph, chunk, language):
     assert wer["live"] <= 0.2  # the captions themselves are a preview (README: about twice the file's WER)
     assert segments and float(segments[-1][1]) <= audio.size / SR + 0.1
     assert sorted(Path(f).suffix for f in files) == [".json", ".srt", ".txt", ".vtt"]
-    assert text in page
+    assert html.escape(text) in page  # the captions end as the whole text
 
 
 def test_a_silent_stream_gives_no_text(services):
@@ -89,7 +90,7 @@ def test_a_silent_stream_gives_no_text(services):
     assert text == "" and segments == []
 
 
-def test_two_streams_and_a_file_transcription_at_once(services, speech_clips):
+def test_two_streams_and_a_file_transcription_at_once(services, speech_clips, tmp_path):
     """An English and a German stream in real time, and a file transcription, all at once: each stream gets
     its own words and language, the file is transcribed meanwhile (live decodes have their own slot)."""
     from pipelines.speech.live_stream import live_config
@@ -112,9 +113,8 @@ def test_two_streams_and_a_file_transcription_at_once(services, speech_clips):
         time.sleep(3)
         results["file"] = services.whisper.transcribe(english, ModelChoice(DEFAULT_MODEL), TranscribeOptions())
 
-    base = Path(services.settings.models_dir).parent / f"live-{time.monotonic_ns()}"
-    threads = [threading.Thread(target=stream, args=("en", english, "en", base / "en")),
-               threading.Thread(target=stream, args=("de", german, "auto", base / "de")),
+    threads = [threading.Thread(target=stream, args=("en", english, "en", tmp_path / "en")),
+               threading.Thread(target=stream, args=("de", german, "auto", tmp_path / "de")),
                threading.Thread(target=file)]
     for t in threads:
         t.start()
@@ -122,7 +122,7 @@ def test_two_streams_and_a_file_transcription_at_once(services, speech_clips):
         t.join(600)
     (en, _), (de, _) = results["en"], results["de"]
     print(f"en: {en.text}\nde: {de.text}\nfile: {results['file'].text}")
-    assert en.language == "en" and "bicycle" in en.text.lower() or "history" in en.text.lower()
+    assert en.language == "en" and {"history", "riders", "pedals"} & set(normalised_words(en.text).split()), en.text
     assert de.language == "de" and {"morgen", "wetter", "park"} & set(normalised_words(de.text).split()), de.text
     assert not {"bicycle", "history"} & set(normalised_words(de.text).split())
     assert not {"morgen", "wetter"} & set(normalised_words(en.text).split())

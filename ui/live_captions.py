@@ -1,12 +1,13 @@
 """The Speech tab's Live mode: captions from the microphone while the user speaks.
 
-The browser streams the microphone (``gr.Audio(streaming=True)``, a chunk every ``STREAM_EVERY`` s);
-each chunk goes to the page's own :class:`~pipelines.speech.live_stream.LiveStream` (in ``gr.State``:
-no stream lives in a global), which takes it at once and decodes on a worker thread; the handler waits
-at most ``REPLY_WITHIN`` s for a decode running now, so the captions follow the voice and the next
-chunk is never held up (Gradio keeps only the latest chunk of a busy handler). Confirmed text is shown
-plain, the tentative tail grey and slanted. On stop the recording is transcribed as a file: the text,
-the segments and the SRT/VTT/TXT/JSON downloads are the same as for an upload.
+The browser streams the microphone (``gr.Audio(streaming=True)``: Gradio's recorder sends a chunk every
+0.1 s); each chunk goes to the page's own :class:`~pipelines.speech.live_stream.LiveStream` (in
+``gr.State``: no stream lives in a global), which takes it at once and decodes on a worker thread. The
+handler never waits for the decoder: Gradio keeps only the newest chunk of a busy handler, so a handler
+that waited would lose audio (measured: waiting up to 0.4 s lost a fifth of it). A decode's captions go
+out with the next chunk, within 0.1 s of its end. Confirmed text is shown plain, the tentative tail grey
+and slanted. On stop the recording is transcribed as a file: the text, the segments and the
+SRT/VTT/TXT/JSON downloads are the same as for an upload.
 
 Programs use the WebSocket route instead (:mod:`ui.live_route`); these events are not in the named API.
 """
@@ -25,8 +26,7 @@ from pipelines.subtitles.formats import write_outputs
 from .common import (language_dropdown, precision_radio, progress_fn, request_dir, task_radio, user_errors,
                      whisper_model_dropdown, device_dropdown, whisper_request)
 
-STREAM_EVERY = 0.5  # seconds of audio per chunk the browser sends
-REPLY_WITHIN = 0.0  # how long a chunk's handler waits for the decode running now (measured: see below)
+STREAM_EVERY = 0.1  # seconds of audio per chunk (what Gradio's microphone recorder sends)
 CAPTION_STYLE = ("<style>#live-captions .live-box{font-size:1.15em;line-height:1.5;min-height:4em}"
                  "#live-captions .live-tentative{color:#888;font-style:italic}"
                  "#live-captions .live-status{color:#b45309;font-size:0.9em;margin-top:0.4em}</style>")
@@ -58,7 +58,6 @@ def make_live_handlers(services: Services):
         if chunk is not None:
             rate, samples = chunk
             stream.push(samples, int(rate))
-            stream.settle(REPLY_WITHIN)
         captions = stream.captions()
         if captions.status == "error":
             stream.close()

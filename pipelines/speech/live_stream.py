@@ -48,7 +48,7 @@ KIND = "live"  # the live decodes' work slots in the model pool
 LIVE_PRECISION = "int8"
 LIVE_GUARDS = DecodeGuards(temperatures=(0.0, 0.4))
 IDLE_SECONDS = 60.0  # a stream without a chunk for this long no longer counts as open
-BEHIND_AFTER = 3.0  # seconds of audio no decode has heard yet before the captions say "behind"
+BEHIND_AFTER = 3.0  # seconds of audio no decode has heard yet (at least; 1.5 decode cadences) to say "behind"
 
 
 # --------------------------------------------------------------------------------- engine
@@ -238,7 +238,9 @@ class LiveStream:
         if state.received >= int(self.max_seconds * SAMPLE_RATE):
             return "limit", (f"The recording reached this server's limit of {duration_text(self.max_seconds)}: "
                              "stop to get the whole text.")
-        if state.behind > max(BEHIND_AFTER, state.config.min_new_audio + 2.0):
+        config, step = state.config, state.last_step_seconds
+        usual = max(config.min_new_audio, step / max(config.max_share, 1e-3)) + step  # a decode's cadence, busy or not
+        if state.behind > max(BEHIND_AFTER, 1.5 * usual):
             return "behind", f"behind by {state.behind:.1f} s: catching up (the server is busy)"
         return "listening", ""
 
