@@ -57,8 +57,11 @@ def browser_with_microphone(microphone_file):
 
 
 def mic_button(driver, word: str):
+    """The microphone's button saying ``word`` once it is shown, else False (for WebDriverWait: a button
+    not rendered yet, e.g. right after the accordion opens, means "keep waiting", not an error)."""
     buttons = driver.find_elements(By.CSS_SELECTOR, "#live-mic button")
-    return next(b for b in buttons if word in (b.text + " " + (b.get_attribute("aria-label") or "")).lower())
+    found = next((b for b in buttons if word in (b.text + " " + (b.get_attribute("aria-label") or "")).lower()), None)
+    return found if found is not None and found.is_displayed() else False
 
 
 def heard(text: str) -> set[str]:
@@ -71,11 +74,11 @@ def test_live_captions_follow_a_fake_microphone_and_stop_gives_the_files(models_
         browser.get(server.url)
         wait = WebDriverWait(browser, 60)
         wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#live-mode button"))).click()
-        wait.until(lambda d: mic_button(d, "record").is_displayed())
+        record = wait.until(lambda d: mic_button(d, "record"))
         deadline = time.monotonic() + 300
         while server.preload.state == "loading" and time.monotonic() < deadline:
             time.sleep(1)
-        mic_button(browser, "record").click()
+        (mic_button(browser, "record") or record).click()
         start, seen = time.monotonic(), []
         while time.monotonic() - start < 45 and len(heard(seen[-1] if seen else "")) < 12:
             time.sleep(1)
@@ -85,7 +88,7 @@ def test_live_captions_follow_a_fake_microphone_and_stop_gives_the_files(models_
         assert len(heard(seen[-1])) >= 12, seen[-1]  # the paragraph's words, while the file plays
         growth = [len(heard(s)) for s in seen]
         assert growth == sorted(growth) or max(growth) >= 12
-        mic_button(browser, "stop").click()
+        wait.until(lambda d: mic_button(d, "stop")).click()
         text_box = browser.find_element(By.CSS_SELECTOR, "#live-text textarea")
         WebDriverWait(browser, 300).until(lambda d: text_box.get_attribute("value").strip())
         files = WebDriverWait(browser, 60).until(
