@@ -24,7 +24,7 @@ DEFAULT_PORT = 7860
 DEFAULT_QUEUE_SIZE = 64
 DEFAULT_MAX_UPLOAD_MB = 500.0
 DEFAULT_MAX_AUDIO_MINUTES = 180.0
-CONCURRENCY_KINDS = ("whisper", "image", "pose", "network", "batch")
+CONCURRENCY_KINDS = ("whisper", "image", "pose", "network", "batch", "live")
 TRUE_WORDS = {"1", "true", "yes", "on"}
 
 log = logging.getLogger("voice_studio")
@@ -60,6 +60,12 @@ def _positive(cast):
         return value
     convert.__name__ = cast.__name__
     return convert
+
+
+def _preload_kind(text: str) -> str:
+    if text.strip().lower() != "words":
+        raise argparse.ArgumentTypeError(f"--preload takes no value or 'words': {text!r}")
+    return "words"
 
 
 def default_host(environ: Mapping[str, str]) -> str:
@@ -123,12 +129,15 @@ def _serving_flags(group, environ: Mapping[str, str]) -> None:
                             "'busy, try again' (env VOICE_STUDIO_QUEUE_SIZE; default 64)")
     group.add_argument("--concurrency", type=_concurrency_pair, action="append", metavar="KIND=N", default=[],
                        help="requests of one kind run at once (for whisper and image: work slots; a few "
-                            "more may get their model ready meanwhile; batch: batch subtitle jobs), repeatable: "
-                            "whisper=2 image=1 pose=1 network=4 batch=1 (env VOICE_STUDIO_CONCURRENCY="
-                            "'whisper=2,image=1')")
-    group.add_argument("--preload", action="store_true", default=_env_flag(environ, "PRELOAD"),
+                            "more may get their model ready meanwhile; batch: batch subtitle jobs; live: live "
+                            "caption streams), repeatable: whisper=2 image=1 pose=1 network=4 batch=1 live=4 "
+                            "(env VOICE_STUDIO_CONCURRENCY='whisper=2,image=1')")
+    group.add_argument("--preload", nargs="?", const=True, type=_preload_kind, metavar="words",
+                       default="words" if env(f"{ENV_PREFIX}PRELOAD", "").strip().lower() == "words"
+                       else _env_flag(environ, "PRELOAD"),
                        help="load the default Whisper model in the background at start; the server answers "
-                            "at once (env VOICE_STUDIO_PRELOAD=1)")
+                            "at once; '--preload words' also loads its word-timestamp pipelines (subtitles, live "
+                            "captions) (env VOICE_STUDIO_PRELOAD=1 or words)")
 
 
 def _limit_flags(group, environ: Mapping[str, str]) -> None:
@@ -254,15 +263,22 @@ class Preload:
     error: str = ""
     thread: Optional[threading.Thread] = field(default=None, repr=False)
 
-    def start(self, services) -> "Preload":
+    def start(self, services, words: bool = False) -> "Preload":
+        """Load the default model's plain pipeline; with ``words`` also its word-timestamp pipelines: FP16
+        (subtitles) and the Live mode's precision."""
+        from dataclasses import replace
+
         from pipelines.core.types import ModelChoice
+        from pipelines.speech.live_stream import LIVE_PRECISION
 
         choice = ModelChoice(model=services.settings.default_model, device=services.settings.default_device)
+        loads = [(choice, False)] + ([(choice, True), (replace(choice, precision=LIVE_PRECISION), True)] if words else [])
 
         def run() -> None:
             start = time.perf_counter()
             try:
-                services.whisper.load(choice)
+                for each, with_words in dict.fromkeys(loads):
+                    services.whisper.load(each, words=with_words)
             except Exception as exc:  # noqa: BLE001 - a failed warm-up must not stop the server
                 self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
                 log.warning("preloading %s failed: %s", choice.model, self.error)
@@ -391,8 +407,11 @@ def serve(args: argparse.Namespace, block: bool = True):
     preload = Preload()
     demo = build_app(services, preload)
     demo.launch(prevent_thread_lock=True, **launch_options(args, auth))
+    from ui.live_route import mount_live_route
+
+    mount_live_route(demo, services)  # /live/ws: live captions for programs, on the page's own server
     if args.preload:
-        preload.start(services)  # after launch: the server answers while the model loads
+        preload.start(services, words=args.preload == "words")  # after launch: the server answers meanwhile
     if block:
         demo.block_thread()
     return demo, services, preload

@@ -22,27 +22,34 @@ from pipelines.image.convert import DEFAULT_CONTROLNET, DEFAULT_LCM_LORA, DEFAUL
 from pipelines.image.pose import PoseService
 from pipelines.image.service import ImageService
 from pipelines.speech import service as speech_service
+from pipelines.speech import live_stream
 from pipelines.speech.catalogue import DEFAULT_MODEL, HUB_EXAMPLE
+from pipelines.speech.live_stream import LiveService
 from pipelines.speech.service import WhisperService
 from pipelines.speech.store import WhisperModelStore
 
 #: How many requests of each kind of work run at once (Gradio concurrency ids). Transcriptions and
 #: image generation have separate ids, so a long generation never holds up a transcription. For
 #: whisper and image these are the work slots (decoding, generating: pipelines/slots.py); batch is how
-#: many batch subtitle jobs run at once (each runs its items through the whisper slots).
-DEFAULT_CONCURRENCY: dict[str, int] = {"whisper": 2, "image": 1, "pose": 1, "network": 4, "batch": 1}
+#: many batch subtitle jobs run at once (each runs its items through the whisper slots); live is how
+#: many live caption streams run at once.
+DEFAULT_CONCURRENCY: dict[str, int] = {"whisper": 2, "image": 1, "pose": 1, "network": 4, "batch": 1, "live": 4}
 #: Requests of a kind that may get ready beside its busy work slots (download, convert or quantize a
 #: model; fetch a video and extract its audio): Gradio admits this many more than there are slots, so
 #: a model no one used yet does not hold up everyone whose model is ready.
 PREPARING_ALONGSIDE: dict[str, int] = {"whisper": 2, "image": 1}
 DEFAULT_QUEUE_SIZE = 64
+#: Live caption decodes at once, over all streams (their own work slot: a stream's steps never wait for a
+#: transcription slot, nor hold one up; measured in benchmarks/README.md, "Live captions").
+LIVE_DECODE_SLOTS = 1
 #: Models of each kind kept loaded at once (Whisper's is --max-loaded-models).
 IMAGE_PIPELINES_LOADED = 1
 POSE_MODELS_LOADED = 2
 #: Items of a batch subtitle job worked on at once in one process (one downloads or extracts while
 #: another transcribes); on Ray a batch is as wide as the Whisper replicas take.
 EMBEDDED_BATCH_WIDTH = 2
-SLOT_NAMES = {speech_service.KIND: "transcription", image_service.KIND: "image generation"}
+SLOT_NAMES = {speech_service.KIND: "transcription", image_service.KIND: "image generation",
+              live_stream.KIND: "live caption"}
 #: The kinds of model users name (as ``Settings.check_model`` calls them) and a Hugging Face id of
 #: each kind, which a refusal suggests instead of a local path.
 MODEL_ID_EXAMPLES = {"Whisper model": HUB_EXAMPLE, "Stable Diffusion model": DEFAULT_SD_MODEL,
@@ -93,6 +100,7 @@ class Services:
     layout: ModelsLayout = field(init=False)
     pool: ModelPool = field(init=False)
     whisper: WhisperService = field(init=False)
+    live: LiveService = field(init=False)
     image: ImageService = field(init=False)
     pose: PoseService = field(init=False)
 
@@ -102,10 +110,14 @@ class Services:
         self.pool = ModelPool(
             limits={speech_service.KIND: settings.max_loaded_whisper, image_service.KIND: IMAGE_PIPELINES_LOADED,
                     pose.KIND: POSE_MODELS_LOADED},
-            slots={kind: settings.concurrency[kind] for kind in SLOT_NAMES}, slot_names=SLOT_NAMES)
+            slots={speech_service.KIND: settings.concurrency["whisper"], image_service.KIND: settings.concurrency["image"],
+                   live_stream.KIND: LIVE_DECODE_SLOTS}, slot_names=SLOT_NAMES)
         store = WhisperModelStore(self.layout, int8_method=settings.whisper_int8)
         ov_config = settings.ov_config
         self.whisper = WhisperService(store, pool=self.pool, ov_config=ov_config)
+        # --concurrency live=N: live caption streams at once (browser and WebSocket)
+        self.live = LiveService(self.whisper, max_streams=settings.concurrency.get("live", DEFAULT_CONCURRENCY["live"]),
+                                max_seconds=settings.max_audio_seconds)
         self.image = ImageService(self.layout, sd_model=settings.sd_model, controlnet_model=settings.controlnet_model,
                                   device=settings.default_device, pool=self.pool, ov_config=ov_config,
                                   lcm_lora=settings.lcm_lora, taesd=settings.taesd, fast_decoder=settings.fast_decoder)

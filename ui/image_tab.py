@@ -19,8 +19,8 @@ from pipelines.speech.audio import AudioError, load_audio
 from pipelines.speech.catalogue import translation_refusal
 from pipelines.speech.types import TranscribeOptions
 
-from .common import (compare_columns, precision_radio, progress_fn, request_dir, speed_summary, user_errors,
-                     whisper_pickers, whisper_request)
+from .common import (AUTO_LANGUAGE, compare_columns, language_dropdown, precision_radio, progress_fn, request_dir,
+                     speed_summary, user_errors, whisper_pickers, whisper_request)
 from .image_examples import example_rows
 from .image_request import (ARGS_DOC, DEFAULT_NEGATIVE, MODE_DOC, ImageRequest, mode_radio, mode_settings,
                             ui_default_mode)
@@ -87,7 +87,7 @@ VOICE_PROMPT_MAX_SECONDS = 60.0
 
 def make_voice_prompt_handler(services: Services):
     def voice_prompt(audio: Optional[str], model: str, device: str, precision: str = "fp16",
-                     progress: gr.Progress = gr.Progress()) -> tuple[str, str, str]:
+                     language: str = AUTO_LANGUAGE, progress: gr.Progress = gr.Progress()) -> tuple[str, str, str]:
         """Spoken prompt in any language -> English prompt.
 
         Args:
@@ -95,14 +95,17 @@ def make_voice_prompt_handler(services: Services):
             model: Whisper model (multilingual for translation).
             device: OpenVINO device.
             precision: Whisper precision, "fp16" or "int8" (the first INT8 use quantizes the model: minutes).
+            language: the spoken language's code (e.g. "fr"), or "auto" to detect it (short prompts are
+                where detection errs most).
         Returns:
-            the English prompt, the detected language, the original transcript.
+            the English prompt, the spoken language (as given, or detected), the original transcript.
         """
         if not audio:
             raise gr.Error("No voice prompt was given. Record or upload a short spoken description.")
         report = progress_fn(progress)
         with user_errors():
-            choice, options = whisper_request(services.settings, model, precision, device, timestamps=False)
+            choice, options = whisper_request(services.settings, model, precision, device, language=language,
+                                              timestamps=False)
             samples = load_audio(Path(audio), max_seconds=min(VOICE_PROMPT_MAX_SECONDS,
                                                                services.settings.max_audio_seconds))
             original = services.whisper.transcribe(samples, choice, options, report)
@@ -280,7 +283,8 @@ def build_image_tab(services: Services) -> None:
                                    time_label="seconds per step")
         compare_summary = gr.Textbox(label="Comparison", interactive=False)
     ui["voice_button"].click(make_voice_prompt_handler(services),
-                             inputs=[ui["voice"], ui["whisper_model"], ui["device"], ui["whisper_precision"]],
+                             inputs=[ui["voice"], ui["whisper_model"], ui["device"], ui["whisper_precision"],
+                                     ui["voice_language"]],
                              outputs=[ui["prompt"], ui["detected"], ui["original"]], api_name="voice_prompt",
                              concurrency_id="whisper")
     ui["pose_button"].click(make_extract_pose_handler(services), inputs=[ui["photo"], ui["device"]],
@@ -318,7 +322,9 @@ def _prompt_and_pose(settings) -> dict:
     gr.Markdown("**1. Prompt**: speak it in any language, or type it.")
     ui = dict(voice=gr.Audio(sources=["microphone", "upload"], type="filepath", label="Spoken prompt"))
     ui["whisper_model"], ui["whisper_precision"], ui["device"] = whisper_pickers(settings, "Whisper precision")
-    ui["voice_button"] = gr.Button("Prompt from my voice")
+    with gr.Row():
+        ui["voice_language"] = language_dropdown()
+        ui["voice_button"] = gr.Button("Prompt from my voice")
     with gr.Row():
         ui.update(detected=gr.Textbox(label="Detected language", interactive=False),
                   original=gr.Textbox(label="What was said", interactive=False))

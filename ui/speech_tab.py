@@ -17,6 +17,7 @@ from pipelines.subtitles.formats import write_outputs
 
 from .common import (agreement_text, compare_columns, language_dropdown, progress_fn, request_dir, speed_summary,
                      task_radio, user_errors, whisper_pickers, whisper_request)
+from .live_captions import build_live_captions
 
 log = logging.getLogger(__name__)
 SEGMENT_COLUMNS = ["start", "end", "text"]
@@ -200,3 +201,4 @@ def build_speech_tab(services: Services) -> None:
         concurrency_id="whisper",
         concurrency_limit=settings.queue_limit("whisper"),
     )
+    build_live_captions(services)  # the Live mode: its own block (ui/live_captions.py)

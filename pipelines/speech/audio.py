@@ -151,24 +151,57 @@ def _refuse_longer(seconds: float, max_seconds: float, at_least: bool = False) -
         raise AudioError(f"{message} Cut it into parts.")
 
 
-def from_array(sample_rate: int, data: np.ndarray) -> np.ndarray:
-    """A microphone recording (Gradio gives (rate, int16 array, maybe stereo)) -> 16 kHz mono float32."""
-    import av
-
+def _mono_float(data: np.ndarray) -> np.ndarray:
+    """Samples as Gradio gives them (int16 or float, mono or (samples, channels)) -> mono float32."""
     data = np.asarray(data)
-    if data.size == 0:
-        raise AudioError("The recording is empty. Record again, a little longer.")
     if data.ndim == 1:
         data = data[:, None]
     if np.issubdtype(data.dtype, np.integer):
         data = data.astype(np.float32) / float(np.iinfo(data.dtype).max + 1)
-    mono = data.astype(np.float32).mean(axis=1)
+    return np.ascontiguousarray(data.astype(np.float32).mean(axis=1))
+
+
+def _resample(resampler, mono: np.ndarray, sample_rate: int) -> list[np.ndarray]:
+    import av
+
     frame = av.AudioFrame.from_ndarray(mono[None, :], format="flt", layout="mono")
     frame.sample_rate = int(sample_rate)
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-    out = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+    return [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+
+
+def _resampler():
+    import av
+
+    return av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+
+
+def from_array(sample_rate: int, data: np.ndarray) -> np.ndarray:
+    """A microphone recording (Gradio gives (rate, int16 array, maybe stereo)) -> 16 kHz mono float32."""
+    if np.asarray(data).size == 0:
+        raise AudioError("The recording is empty. Record again, a little longer.")
+    resampler = _resampler()
+    out = _resample(resampler, _mono_float(data), sample_rate)
     out += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
     return check_audio(np.concatenate(out) if out else np.zeros(0, np.float32), "The recording")
+
+
+class StreamResampler:
+    """Microphone chunks of one stream (any rate, int16 or float, maybe stereo) -> 16 kHz mono float32.
+    The resampler's filter state runs on from chunk to chunk (no clicks at chunk edges; a few samples
+    wait for the next chunk). Browsers send 48 kHz (Chrome) or 44.1 kHz."""
+
+    def __init__(self) -> None:
+        self._rate = 0
+        self._resampler = None
+
+    def __call__(self, sample_rate: int, data: np.ndarray) -> np.ndarray:
+        mono = _mono_float(data) if np.asarray(data).size else np.zeros(0, np.float32)
+        if int(sample_rate) == SAMPLE_RATE or not mono.size:
+            return mono
+        if self._resampler is None or int(sample_rate) != self._rate:
+            self._resampler, self._rate = _resampler(), int(sample_rate)
+        out = _resample(self._resampler, mono, sample_rate)
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
 def check_audio(audio: np.ndarray, name: str) -> np.ndarray:

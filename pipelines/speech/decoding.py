@@ -88,14 +88,16 @@ class Decoded:
         language = (getattr(result, "language", "") or "").strip("<|>") or None
         return cls(text=text, chunks=tuple(chunks), language=language, temperature=temperature)
 
-    def without_repeats(self) -> "Decoded":
-        """Cut a phrase loop that survived every fallback down to its first occurrences."""
+    def without_repeats(self, previous: Optional[str] = None) -> "Decoded":
+        """Cut a phrase loop that survived every fallback down to its first occurrences (a first
+        segment saying ``previous`` again, the window before's last segment, is dropped too)."""
         kept: list[Chunk] = []
         for chunk in self.chunks:
             tokens = chunk.text.split()
             indices = kept_after_collapse(tokens)
             cleaned = " ".join(tokens[i] for i in indices)
-            if kept and cleaned == kept[-1].text:
+            last = kept[-1].text if kept else previous
+            if last is not None and same_words(cleaned, last, min_words=4 if not kept else 1):
                 continue
             if len(chunk.words) == len(tokens):  # word mode: a word per token; keep the words of the tokens kept
                 words = tuple(chunk.words[i] for i in indices)
@@ -167,23 +169,56 @@ def compression_ratio(text: str) -> float:
     return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
-def longest_repeat_run(text: str, max_ngram: int = 6) -> int:
-    """The most consecutive repetitions of any word n-gram (n <= max_ngram) in ``text``."""
-    words = [w.lower() for w in _WORDS.findall(text)]
+def _most_copies(words: list[str], lengths: Iterable[int]) -> int:
+    """The most consecutive copies of any run of ``n`` words, ``n`` in ``lengths``."""
     best = 1
-    for n in range(1, max_ngram + 1):
+    for n in lengths:
         i = 0
         while i + 2 * n <= len(words):
             run = 1
             while words[i + run * n:i + (run + 1) * n] == words[i:i + n]:
                 run += 1
             best = max(best, run)
-            i += max(1, (run - 1) * n) if run > 1 else 1
+            i += (run - 1) * n if run > 1 else 1
     return best
+
+
+def longest_repeat_run(text: str, max_ngram: int = 6) -> int:
+    """The most consecutive repetitions of any word n-gram (n <= max_ngram) in ``text``."""
+    return _most_copies([w.lower() for w in _WORDS.findall(text)], range(1, max_ngram + 1))
 
 
 def looks_degenerate(text: str, threshold: float = 2.4, max_run: int = 4) -> bool:
     return compression_ratio(text) > threshold or longest_repeat_run(text) > max_run
+
+
+def same_words(a: str, b: str, min_words: int = 1) -> bool:
+    """Whether two texts say the same words (case and punctuation aside), at least ``min_words`` of them."""
+    words = [w.lower() for w in _WORDS.findall(a or "")]
+    return len(words) >= min_words and words == [w.lower() for w in _WORDS.findall(b or "")]
+
+
+def longest_phrase_run(words: list[str], min_words: int = 3, max_words: int = 20) -> int:
+    """The most consecutive copies of any phrase of min_words..max_words words (longer phrases than
+    longest_repeat_run's 6-word n-grams: a 7-word sentence said three times is a loop too)."""
+    return _most_copies(words, range(min_words, min(max_words, len(words) // 2) + 1))
+
+
+def segment_loop(segments: list[str], previous: Optional[str] = None, min_words: int = 4, copies: int = 3) -> bool:
+    """A loop across segments: two consecutive segments (``previous``, the window before's last, counts
+    as the one before the first) saying the same words, at least ``min_words`` of them; or a phrase of
+    3-20 words ``copies`` times back to back anywhere in the window's text."""
+    texts = ([previous] if previous else []) + [s for s in segments if s and s.strip()]
+    if any(same_words(a, b, min_words) for a, b in zip(texts, texts[1:])):
+        return True
+    words = [w.lower() for t in segments for w in _WORDS.findall(t or "")]
+    return longest_phrase_run(words) >= copies
+
+
+def loops(decoded: "Decoded", previous: Optional[str] = None, threshold: float = 2.4) -> bool:
+    """The loop test of the fallback: one window's text, its segments, and the window before's last segment."""
+    return (looks_degenerate(decoded.text, threshold)
+            or segment_loop([c.text for c in decoded.chunks] or [decoded.text], previous))
 
 
 def collapse_repeats(text: str, max_ngram: int = 6, keep: int = 2) -> str:
@@ -232,10 +267,12 @@ def make_prompt(loaded: Any, context: list[str], limit: int) -> Optional["Prompt
     return Prompt(" ".join(words[low:]), tokens(low))
 
 def decode_window(loaded: Any, samples: np.ndarray, options: TranscribeOptions, language: Optional[str],
-                  prompt: Optional["Prompt"] = None, guards: "DecodeGuards" = None) -> "Decoded":
+                  prompt: Optional["Prompt"] = None, guards: "DecodeGuards" = None,
+                  previous: Optional[str] = None) -> "Decoded":
     """One window (<= 30 s): greedy first, conditioned on the text before it; on a
     repetition loop, retry unconditioned with sampling at rising temperatures (as Whisper's
-    reference decoder does) and keep the least repetitive result."""
+    reference decoder does) and keep the least repetitive result. A phrase said again as its own
+    segment, or a window starting with ``previous`` (the last segment before it), is a loop too."""
     guards = guards or DecodeGuards()
     seconds = samples.size / SAMPLE_RATE
     candidates: list[Decoded] = []
@@ -265,12 +302,13 @@ def decode_window(loaded: Any, samples: np.ndarray, options: TranscribeOptions, 
                                               generation_config=config)
         decoded = Decoded.from_result(result, seconds, temperature)
         candidates.append(decoded)
-        if not looks_degenerate(decoded.text, guards.compression_ratio_threshold):
+        if not loops(decoded, previous, guards.compression_ratio_threshold):
             return decoded
         log.info("window of %.1f s looks degenerate at temperature %.1f: %r", seconds, temperature,
                  decoded.text[:80])
-    best = min(candidates, key=lambda d: compression_ratio(d.text))
-    return best.without_repeats()
+    best = min(candidates, key=lambda d: (loops(d, previous, guards.compression_ratio_threshold),
+                                          compression_ratio(d.text)))
+    return best.without_repeats(previous)
 
 def language_token(loaded: Any, language: Optional[str]) -> Optional[str]:
     """The decoder's language token for a code or name (None: detect), refused when the model cannot take it."""

@@ -216,6 +216,12 @@ class WhisperService:
             lambda p, part: transcribe(audio, choices[p], options, part),
             progress, slots=self.slots, prepare=lambda p, part: self.prepare(choices[p], part, options))
 
+    def load_checked(self, choice: ModelChoice, options: TranscribeOptions,
+                     progress: ProgressFn = no_progress) -> LoadedWhisper:
+        """The pipeline ``options`` need (with word timestamps or not), loaded once; a task or language
+        the model cannot take is refused (live captions decode with it outside :meth:`transcribe`)."""
+        return self._load_for(choice, options, progress)
+
     def _load_for(self, choice: ModelChoice, options: TranscribeOptions, progress: ProgressFn) -> LoadedWhisper:
         loaded = self.load(choice, progress, words=options.word_timestamps)
         if options.task == "translate" and not loaded.multilingual:
@@ -245,10 +251,13 @@ class WhisperService:
         texts: list[str] = []
         context: list[str] = []  # text since the last reset: the next window's prompt
         detected: Optional[str] = None
+        previous: Optional[str] = None  # the last segment of the window before: a loop may cross windows
         for index, (window, samples) in enumerate(pieces):
             progress(0.9 + 0.1 * index / max(count, 1), f"transcribe part {index + 1} of {count}")
             prompt = make_prompt(loaded, context, self.guards.prompt_tokens)
-            decoded = decode_window(loaded, samples, options, language, prompt, self.guards)
+            decoded = decode_window(loaded, samples, options, language, prompt, self.guards, previous)
+            if decoded.chunks or decoded.text:
+                previous = decoded.chunks[-1].text if decoded.chunks else decoded.text
             if decoded.temperature > self.guards.prompt_reset_temperature:
                 context.clear()  # a window that needed hot sampling is no context for the next one
             elif decoded.text:
