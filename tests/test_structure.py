@@ -22,7 +22,7 @@ DUPLICATE_LINES = 6
 
 
 def _sources(include_app: bool = False) -> dict[str, Path]:
-    """Module name -> file, for every module of pipelines/ and ui/ (and app.py)."""
+    """Module name -> file, for every module of pipelines/ and ui/ (and app.py, cli.py)."""
     found = {}
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
@@ -30,6 +30,7 @@ def _sources(include_app: bool = False) -> dict[str, Path]:
             found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     if include_app:
         found["app"] = ROOT / "app.py"
+        found["cli"] = ROOT / "cli.py"
     return found
 
 
