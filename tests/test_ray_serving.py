@@ -512,6 +512,31 @@ def test_image_and_pose_through_the_deployment_match_embedded_and_cancel_stops(r
 
 
 @pytest.mark.slow
+def test_a_live_caption_stream_decodes_on_the_whisper_replicas(ray_app, sentences, tmp_path):
+    """Issue #22 with #21: a live stream's steps run on the Whisper replicas (its state stays on the front
+    end); captions only grow, and the stop gives the sentence, transcribed as a file on a replica."""
+    from pipelines.core.types import ModelChoice
+    from pipelines.speech.audio import load_audio
+    from pipelines.speech.live_stream import live_config
+
+    audio = np.concatenate([load_audio(sentences[1]), np.zeros(16000, np.float32)])
+    before = sum(r["served"] for r in whisper_replicas(ray_app.services))
+    stream = ray_app.services.live.open(ModelChoice(BASE, "fp16"), live_config("transcribe", "en"), tmp_path)
+    history = []
+    for k in range(0, audio.size, 8000):
+        stream.push(audio[k:k + 8000])
+        stream.settle(30)
+        history.append(stream.captions().confirmed)
+    confirmed = stream.end()
+    final = stream.finish()
+    assert all(after.startswith(before_) for before_, after in zip(history, history[1:]))
+    assert word_error_rate(SENTENCES[1], confirmed.text) < 0.35, confirmed.text
+    assert word_error_rate(SENTENCES[1], final.text) < 0.35 and final.segments, final.text
+    served = sum(r["served"] for r in whisper_replicas(ray_app.services)) - before
+    assert served >= 3, served  # getting ready, the steps and the final transcription, all on replicas
+
+
+@pytest.mark.slow
 def test_fast_mode_and_its_live_previews_cross_the_boundary(ray_app):
     """Issue #20 on Ray: Fast mode runs in the image replica, its previews reach the front end in step
     order as they are made, and the image is the one embedded makes for the seed."""

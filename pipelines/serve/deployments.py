@@ -30,7 +30,8 @@ class WhisperDeployment(StreamingReplica):
     deployment = WHISPER
 
     def __init__(self, args: dict):
-        self.whisper = self._init_replica(args).whisper
+        services = self._init_replica(args)
+        self.whisper, self.live = services.whisper, services.live
 
     def _loaded(self) -> list:
         return [list(key) for key in self.whisper.loaded_keys()]
@@ -50,6 +51,17 @@ class WhisperDeployment(StreamingReplica):
     async def compare(self, audio, choice, options):
         """FP16 and INT8 on this one replica, in one work slot (as embedded): fair timings."""
         async for event in self._on_audio(audio, lambda a, p: self.whisper.compare(a, choice, options, p)):
+            yield event
+
+    async def live_ready(self, choice, task, language):
+        """Get a live stream's model ready and loaded here (refusing what it cannot do)."""
+        async for event in self._stream(lambda progress, cancel: self.live.engine(choice).ready(task, language,
+                                                                                                 progress)):
+            yield event
+
+    async def live_decode(self, choice, job):
+        """One live caption step (a DecodeJob: the unconfirmed audio and its prompt) in this replica's live slot."""
+        async for event in self._stream(lambda progress, cancel: self.live.engine(choice).decode(job)):
             yield event
 
     async def load(self, choice, words: bool = False) -> dict:

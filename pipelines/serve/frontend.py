@@ -1,6 +1,6 @@
 """What the UI gets in Ray mode: :class:`RayServices`, with the attributes of
-:class:`~pipelines.services.Services` (``settings``, ``whisper``, ``image``, ``pose``, ``release_all``,
-``batch_width``) whose services call the replicas, and a ``status()`` for ``/status``.
+:class:`~pipelines.services.Services` (``settings``, ``whisper``, ``image``, ``pose``, ``live``,
+``release_all``, ``batch_width``) whose services call the replicas, and a ``status()`` for ``/status``.
 
 :func:`start_ray_services` connects (local instance or cluster), deploys the applications as asked
 (:mod:`pipelines.serve.cluster`) and sizes the front end to them: Gradio lets in as many requests of
@@ -15,9 +15,10 @@ from dataclasses import dataclass, field, replace
 from pipelines.serve import cluster
 from pipelines.serve.client import ReplicaBook
 from pipelines.serve.flags import RayOptions
-from pipelines.serve.remote import RemoteImage, RemotePose, RemoteWhisper
+from pipelines.serve.remote import RemoteImage, RemoteLiveEngine, RemotePose, RemoteWhisper
 from pipelines.serve.replica import settings_args, with_args
-from pipelines.services import Settings
+from pipelines.services import DEFAULT_CONCURRENCY, Settings
+from pipelines.speech.live_stream import LiveService
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class RayServices:
     image: RemoteImage
     pose: RemotePose
     book: ReplicaBook
+    live: LiveService
     batch_width: int = 1
     handles: dict = field(default_factory=dict)
 
@@ -80,8 +82,11 @@ def start_ray_services(settings: Settings, options: RayOptions) -> RayServices:
                                               "image": image["slots"]})
     book = ReplicaBook()
     log.info("Ray Serve at %s: whisper %s, image %s", address, whisper, image)
-    return RayServices(settings=settings, address=address, local=options.local,
-                       whisper=RemoteWhisper(handles["whisper"], book), image=RemoteImage(handles["image"], book),
-                       pose=RemotePose(handles["image"], book), book=book, batch_width=whisper["ongoing"],
-                       handles=handles)
+    remote_whisper = RemoteWhisper(handles["whisper"], book)
+    live = LiveService(remote_whisper, max_streams=settings.concurrency.get("live", DEFAULT_CONCURRENCY["live"]),
+                       max_seconds=settings.max_audio_seconds,
+                       engines=lambda choice: RemoteLiveEngine(remote_whisper, choice))  # steps decode on replicas
+    return RayServices(settings=settings, address=address, local=options.local, whisper=remote_whisper,
+                       image=RemoteImage(handles["image"], book), pose=RemotePose(handles["image"], book), book=book,
+                       live=live, batch_width=whisper["ongoing"], handles=handles)
 

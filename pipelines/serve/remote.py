@@ -63,6 +63,25 @@ def _pixels(image: Any) -> Any:
     return load_pose_image(image) if isinstance(image, (str, Path)) else image
 
 
+class RemoteLiveEngine:
+    """A live stream's decoder (:class:`~pipelines.speech.live_stream.LiveEngine`'s interface) over the
+    ``whisper`` deployment: each step's audio goes to a replica, the stream's state stays here."""
+
+    def __init__(self, whisper: RemoteWhisper, choice: ModelChoice):
+        self.whisper, self.choice = whisper, choice
+
+    def ready(self, task: str, language: Optional[str], progress: ProgressFn = no_progress) -> None:
+        self.whisper.call.run("live_ready", self.choice, task, language, progress=progress)
+
+    def decode(self, job: Any) -> Any:
+        return self.whisper.call.run("live_decode", self.choice, job)
+
+    def transcribe_recording(self, wav: Path, task: str, language: Optional[str], progress: ProgressFn = no_progress):
+        """The whole recording as a file, on a replica (as embedded: the plain pipeline)."""
+        return self.whisper.transcribe_file(wav, self.choice, TranscribeOptions(task=task, language=language),
+                                            progress)
+
+
 class RemoteImage:
     """The ImageService interface the UI uses, over the ``image`` deployment."""
 

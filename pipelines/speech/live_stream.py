@@ -27,7 +27,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -287,16 +287,19 @@ class LiveStream:
 class LiveService:
     """Opens live streams: at most ``max_streams`` at once, each at most ``max_seconds`` of audio."""
 
-    def __init__(self, whisper: WhisperService, max_streams: int = 4, max_seconds: float = 3 * 3600.0):
+    def __init__(self, whisper: WhisperService, max_streams: int = 4, max_seconds: float = 3 * 3600.0,
+                 engines: Optional[Callable[[ModelChoice], LiveEngine]] = None):
+        """``engines(choice)`` makes a stream's decoder; by default a :class:`LiveEngine` on ``whisper``
+        and its pool's live slots (Ray mode passes engines that decode on the Whisper replicas)."""
         self.whisper = whisper
-        self.slots = whisper.pool.slots(KIND)
+        self.engines = engines or (lambda choice: LiveEngine(whisper, choice, whisper.pool.slots(KIND)))
         self.max_streams, self.max_seconds = max(1, int(max_streams)), float(max_seconds)
         self.executor = ThreadPoolExecutor(max_workers=self.max_streams + 2, thread_name_prefix="live-captions")
         self._streams: "weakref.WeakSet[LiveStream]" = weakref.WeakSet()
         self._lock = threading.Lock()
 
     def engine(self, choice: ModelChoice) -> LiveEngine:
-        return LiveEngine(self.whisper, choice, self.slots)
+        return self.engines(choice)
 
     def open_streams(self) -> int:
         now = time.monotonic()
