@@ -243,3 +243,24 @@ def parse_webvtt(path: Path) -> list[dict]:
                      "tags": [vtt_seconds(t) for t in re.findall(rf"<({VTT_TIME})>", payload)],
                      "text": html.unescape(re.sub(r"<[^>]*>", "", payload))})
     return cues
+
+
+@pytest.fixture(scope="session")
+def skeleton_png(tmp_path_factory) -> Path:
+    """A one-person OpenPose skeleton (256 x 256), as /extract_pose makes or a user uploads."""
+    import image_fixtures as fx
+    from pipelines.image.pose import draw_skeleton, poses_from_detection
+
+    candidate, subset = fx.known_detection()
+    path = tmp_path_factory.mktemp("pose") / "skeleton.png"
+    draw_skeleton(poses_from_detection(candidate, subset, 256, 256), 256, 256).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def skeleton(skeleton_png):
+    """:func:`skeleton_png` as an RGB PIL image."""
+    from PIL import Image
+
+    with Image.open(skeleton_png) as image:
+        return image.convert("RGB")

@@ -42,12 +42,18 @@ def server(models_dir, tiny_whisper_ir, tiny_whisper_hf):
 
 @pytest.fixture(scope="module")
 def browser():
+    yield from chromium()
+
+
+def chromium(extra_args: tuple[str, ...] = ()):
+    """A headless Chromium driven by chromedriver, with a profile of its own (``extra_args`` added),
+    for a fixture to yield; closed and its profile deleted after."""
     from selenium.webdriver.chrome.service import Service
 
     profile = tempfile.mkdtemp(prefix="voice-studio-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in CHROMIUM_ARGS + [f"--user-data-dir={profile}"]:
+    for arg in CHROMIUM_ARGS + [f"--user-data-dir={profile}", *extra_args]:
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(60)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
@@ -17,7 +16,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import image_fixtures as fx
 from pipelines.image.request import read_png_metadata
 from pipelines.services import Services, Settings
 from servers import launched
@@ -34,22 +32,6 @@ def services(models_dir, tiny_models, fast_models) -> Services:
     return Services(Settings(models_dir=models_dir, sd_model=str(tiny_models["sd"]),
                              controlnet_model=str(tiny_models["controlnet"]), pose_model=str(tiny_models["pose"]),
                              lcm_lora=str(fast_models["lcm_lora"]), taesd=str(fast_models["taesd"])))
-
-
-@pytest.fixture(scope="module")
-def skeleton_png(tmp_path_factory) -> Path:
-    from pipelines.image.pose import draw_skeleton, poses_from_detection
-
-    candidate, subset = fx.known_detection()
-    path = tmp_path_factory.mktemp("pose") / "skeleton.png"
-    draw_skeleton(poses_from_detection(candidate, subset, 256, 256), 256, 256).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def skeleton(skeleton_png) -> Image.Image:
-    with Image.open(skeleton_png) as image:
-        return image.convert("RGB")
 
 
 def session(name: str):

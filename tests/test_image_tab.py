@@ -51,23 +51,6 @@ def image_services(models_dir, tiny_refs) -> Services:
 
 
 @pytest.fixture(scope="module")
-def skeleton_png(tmp_path_factory) -> Path:
-    """A one-person OpenPose skeleton (256 x 256), as /extract_pose makes or a user uploads."""
-    from pipelines.image.pose import draw_skeleton, poses_from_detection
-
-    candidate, subset = fx.known_detection()
-    path = tmp_path_factory.mktemp("pose") / "skeleton.png"
-    draw_skeleton(poses_from_detection(candidate, subset, 256, 256), 256, 256).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def skeleton(skeleton_png) -> Image.Image:
-    with Image.open(skeleton_png) as image:
-        return image.convert("RGB")
-
-
-@pytest.fixture(scope="module")
 def generate(image_services):
     from ui.image_tab import CancelRegistry, make_generate_handler
 

@@ -8,15 +8,13 @@ words, not on its first sentence. Screenshots go to artifacts/browser/ (git-igno
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 
 import numpy as np
 import pytest
 
 from conftest import SPEECH_CLIPS, normalised_words, write_wav
-from test_browser import CHROMEDRIVER, CHROMIUM, CHROMIUM_ARGS, shot
+from test_browser import chromium, shot
 from test_serving import running
 
 pytestmark = pytest.mark.slow
@@ -38,22 +36,9 @@ def microphone_file(speech_clips, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser_with_microphone(microphone_file):
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="voice-studio-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in CHROMIUM_ARGS + [f"--user-data-dir={profile}", "--use-fake-ui-for-media-stream",
-                                "--use-fake-device-for-media-stream",
-                                f"--use-file-for-fake-audio-capture={microphone_file}"]:
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(60)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
+    """Chromium whose microphone plays ``microphone_file`` (its fake media device), allowed without asking."""
+    yield from chromium(("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                         f"--use-file-for-fake-audio-capture={microphone_file}"))
 
 
 def mic_button(driver, word: str):
