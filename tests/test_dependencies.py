@@ -20,10 +20,11 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
-APP_CODE = [ROOT / "app.py", *sorted((ROOT / "pipelines").rglob("*.py")), *sorted((ROOT / "ui").glob("*.py"))]
+APP_CODE = [ROOT / "app.py", ROOT / "cli.py", *sorted((ROOT / "pipelines").rglob("*.py")),
+            *sorted((ROOT / "ui").glob("*.py"))]
 DEV_CODE = [*sorted((ROOT / "tests").glob("*.py")), *sorted((ROOT / "benchmarks").glob("*.py")),
             *sorted((ROOT / "examples").glob("*.py"))]
-LOCAL = {"app", "pipelines", "ui", "tests", "conftest", "image_fixtures", "servers", "machine"} | {
+LOCAL = {"app", "cli", "pipelines", "ui", "tests", "conftest", "image_fixtures", "servers", "machine"} | {
     p.stem for p in DEV_CODE}
 
 
