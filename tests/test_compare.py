@@ -370,13 +370,15 @@ def test_the_api_names_the_switch_and_the_compare_endpoints(client):
     assert names("/subtitles_compare") == ["url", "video_file", "model", "device", "task", "language",
                                            "max_line_chars", "max_duration"]
     assert "precision" in names("/transcribe") and "precision" in names("/subtitles")
-    assert names("/generate_image_compare") == names("/generate_image")[:-1]
+    assert names("/generate_image_compare") == [n for n in names("/generate_image") if n != "precision"]
     # new parameters come last, with defaults: older calls keep working
-    assert names("/voice_prompt") == ["audio", "model", "device", "precision"]
-    assert names("/generate_image")[-2:] == ["device", "precision"]
-    for endpoint in ("/voice_prompt", "/generate_image"):
-        last = endpoints[endpoint]["parameters"][-1]
-        assert last["parameter_has_default"] and last["parameter_default"] == "fp16", last
+    assert names("/voice_prompt") == ["audio", "model", "device", "precision", "language"]
+    assert names("/generate_image")[-3:] == ["device", "precision", "mode"]
+    for endpoint, name, default in [("/voice_prompt", "precision", "fp16"), ("/voice_prompt", "language", "auto"),
+                                    ("/generate_image", "precision", "fp16"), ("/generate_image", "mode", "quality"),
+                                    ("/generate_image_compare", "mode", "quality")]:
+        param = {p["parameter_name"]: p for p in endpoints[endpoint]["parameters"]}[name]
+        assert param["parameter_has_default"] and param["parameter_default"] == default, param
     # either-or inputs are optional: a client passes the one it has
     for endpoint, either_or in [("/transcribe", ("audio", "media_file")), ("/transcribe_compare", ("audio", "media_file")),
                                 ("/subtitles", ("url", "video_file")), ("/subtitles_compare", ("url", "video_file"))]:

@@ -559,10 +559,10 @@ def test_shared_server_checks_the_voice_prompt_and_image_models(models_dir, engl
                                        "'stable-diffusion-v1-5/stable-diffusion-v1-5'"):
         final(make_generate_handler(shared, CancelRegistry())(*_fast_args()[:11], tiny_refs["sd"], "", "CPU", **QUIET))
     assert shared.whisper.loaded_keys() == [] and shared.image.loaded() == []
-    # every Whisper picker, the image tab's included, offers no local folders there
+    # every Whisper picker (speech, subtitles, batch subtitles, image) offers no local folders there
     infos = [c["props"].get("info") for c in build_app(shared).config["components"]
              if c["props"].get("label") == "Whisper model"]
-    assert len(infos) == 3 and set(infos) == {"A listed model or a Hugging Face id."}
+    assert len(infos) == 4 and set(infos) == {"A listed model or a Hugging Face id."}
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,8 @@ def test_prepare_converts_and_quantizes_and_reports_what_it_could_not_have(tmp_p
         app.main(["--prepare", "image", tiny, "--prepare-int8", "--models-dir", str(models)])
     out, err = capsys.readouterr()
     assert str(exit_.value.code) == "app.py: error: could not prepare image fp16, image int8 (see above)"
-    assert "[image FP16] failed: Stable Diffusion model 'stable-diffusion-v1-5/stable-diffusion-v1-5' is not " \
-           "available" in err
+    assert "[image FP16] failed: Quality mode needs 2 models that are not available here" in err
+    assert "Stable Diffusion model 'stable-diffusion-v1-5/stable-diffusion-v1-5'" in err
     # progress on the terminal, step by step, for each precision
     for label, step in ((f"{tiny} FP16", "export to OpenVINO IR"), (f"{tiny} INT8", "compress the decoder's weights")):
         lines = [line for line in out.splitlines() if line.startswith(f"[{label}]")]

@@ -487,7 +487,7 @@ def test_queue_runs_each_kind_within_its_limit_and_refuses_when_full(tmp_path):
             image_started.set()
             release_image.wait(120)
             return SimpleNamespace(save=lambda folder: [pose], seeds=[options.seed], elapsed=0.0, warnings=[],
-                                   extra={"precision": kwargs.get("precision", "fp16"), "timings": {}})
+                                   options=options, extra={"precision": kwargs.get("precision", "fp16"), "timings": {}})
 
         server.services.whisper.transcribe = transcribe  # stand-ins that wait until released
         server.services.image.generate = generate

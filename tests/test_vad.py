@@ -163,13 +163,13 @@ def test_plan_nothing() -> None:
 def test_plan_close_regions_share_a_window() -> None:
     regions = [(1.0, 3.0), (3.5, 6.0), (7.0, 9.0)]
     windows = plan_windows(regions, 20.0, max_window=30.0, pad=0.2)
-    assert windows == [Window(0.5, 9.2, ((1.0, 3.0), (3.5, 6.0), (7.0, 9.0)))]
+    assert windows == [Window(0.8, 9.2, ((1.0, 3.0), (3.5, 6.0), (7.0, 9.0)))]
 
 
 def test_plan_long_silence_starts_new_window() -> None:
     regions = [(1.0, 3.0), (10.0, 12.0)]
     windows = plan_windows(regions, 20.0, max_gap=3.0)
-    assert [(w.start, w.end) for w in windows] == [(0.5, 3.2), (9.5, 12.2)]
+    assert [(w.start, w.end) for w in windows] == [(0.8, 3.2), (9.8, 12.2)]
 
 
 def test_plan_many_regions_bounded_windows() -> None:
@@ -217,19 +217,19 @@ def test_plan_neighbouring_paddings_do_not_overlap() -> None:
     assert windows[0].end == windows[1].start == pytest.approx(29.0)  # the silence went to the next window
 
 
-@pytest.mark.parametrize("gap, start", [(5.0, 18.9), (0.6, 14.5), (0.3, 14.4)])
-def test_each_window_starts_half_a_second_before_its_speech_the_silence_going_to_it_first(gap, start) -> None:
-    """Issue #21: a window's first phoneme is inside it. The lead (0.5 s) comes out of the silence before
+@pytest.mark.parametrize("gap, start", [(5.0, 19.2), (0.3, 14.5), (0.1, 14.4)])
+def test_each_window_starts_a_lead_before_its_speech_the_silence_going_to_it_first(gap, start) -> None:
+    """Issue #21: a window's first phoneme is inside it. The lead (0.2 s) comes out of the silence before
     the speech; where two windows meet it goes to the later window first, never into the earlier one's
     speech, and the earlier window keeps what is left of its 0.2 s trail."""
-    first = [(0.3, 8.0), (8.4, 14.4)]
+    first = [(0.1, 8.0), (8.4, 14.4)]
     second = [(round(14.4 + gap, 3), round(34.4 + gap, 3))]  # 20 s: does not fit beside the first 14 s, starts a window
     windows = plan_windows(first + second, 60.0)
     assert [w.speech for w in windows] == [tuple(first), tuple(second)]
-    assert windows[0].start == 0.0  # the audio's start is closer than 0.5 s
+    assert windows[0].start == 0.0  # the audio's start is closer than the lead
     assert windows[1].start == pytest.approx(start)
     assert windows[0].end == pytest.approx(min(14.6, start))
-    assert windows[1].start <= second[0][0] - min(0.5, gap) + 1e-9  # the whole lead, or all the silence
+    assert windows[1].start <= second[0][0] - min(0.2, gap) + 1e-9  # the whole lead, or all the silence
 
 
 def test_plan_rejects_bad_sizes() -> None:
