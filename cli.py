@@ -19,6 +19,7 @@ DEFAULT_MAX_UPLOAD_MB = 500.0
 DEFAULT_MAX_AUDIO_MINUTES = 180.0
 CONCURRENCY_KINDS = ("whisper", "image", "pose", "network", "batch", "live")
 TRUE_WORDS = {"1", "true", "yes", "on"}
+FAST_DECODERS = ("taesd", "vae")  # --fast-decoder (pipelines.image.request.DECODERS; not imported: --help stays quick)
 
 
 def _env_flag(environ: Mapping[str, str], name: str) -> bool:
@@ -96,8 +97,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[s
         parser.error(f"VOICE_STUDIO_WHISPER_INT8: invalid choice '{args.whisper_int8}' "
                      f"(choose from {', '.join(INT8_METHODS)})")
     args.ray_options = ray_options(args, environ, parser)
-    if args.fast_decoder not in ("taesd", "vae"):
-        parser.error(f"VOICE_STUDIO_FAST_DECODER: invalid choice '{args.fast_decoder}' (choose from taesd, vae)")
+    if args.fast_decoder not in FAST_DECODERS:
+        parser.error(f"VOICE_STUDIO_FAST_DECODER: invalid choice '{args.fast_decoder}' "
+                     f"(choose from {', '.join(FAST_DECODERS)})")
     args.space_id = environ.get("SPACE_ID") or None
     args.auth_env = environ.get(f"{ENV_PREFIX}AUTH") or None  # user:password lines, e.g. from a Space secret
     return args
@@ -175,7 +177,7 @@ def _model_flags(group, environ: Mapping[str, str], data_dir: Path) -> None:
     group.add_argument("--taesd", default=env(f"{ENV_PREFIX}TAESD") or DEFAULT_TAESD,
                        help="the tiny decoder of live previews and Fast mode: a Hugging Face id or a local folder "
                             f"(env VOICE_STUDIO_TAESD; default {DEFAULT_TAESD})")
-    group.add_argument("--fast-decoder", choices=("taesd", "vae"),
+    group.add_argument("--fast-decoder", choices=FAST_DECODERS,
                        default=env(f"{ENV_PREFIX}FAST_DECODER") or "taesd",
                        help="Fast mode's final image: taesd (the tiny decoder, about 30x faster) or vae (the full "
                             "VAE, finer detail) (env VOICE_STUDIO_FAST_DECODER)")

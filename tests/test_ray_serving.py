@@ -537,17 +537,14 @@ def test_a_live_caption_stream_decodes_on_the_whisper_replicas(ray_app, sentence
 
 
 @pytest.mark.slow
-def test_fast_mode_and_its_live_previews_cross_the_boundary(ray_app):
+def test_fast_mode_and_its_live_previews_cross_the_boundary(ray_app, skeleton):
     """Issue #20 on Ray: Fast mode runs in the image replica, its previews reach the front end in step
     order as they are made, and the image is the one embedded makes for the seed."""
-    from PIL import Image, ImageDraw
-
     from pipelines.image.request import ImageOptions
     from pipelines.services import DEFAULT_CONCURRENCY, Services
 
     embedded = Services(replace(ray_app.services.settings, concurrency=dict(DEFAULT_CONCURRENCY)))
-    pose = Image.new("RGB", (256, 256), "black")
-    ImageDraw.Draw(pose).line([(128, 40), (128, 160), (80, 230)], fill=(255, 0, 0), width=6)
+    pose = skeleton
     options = ImageOptions(prompt="a dancer", steps=3, guidance_scale=1.0, seed=5, width=256, height=256, mode="fast")
     previews: list = []
     remote = ray_app.services.image.generate(options, pose, preview=previews.append)

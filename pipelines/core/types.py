@@ -9,13 +9,19 @@ Precision = Literal["fp16", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp16", "int8")
 
 
+def check_choice(value: Any, choices: tuple[str, ...], name: str, explained: str) -> str:
+    """``value`` as one of ``choices`` (any case), or a ``ValueError`` naming the ``name`` and the
+    choices, ``explained`` in brackets after them."""
+    chosen = value.strip().lower() if isinstance(value, str) else value
+    if chosen not in choices:
+        raise ValueError(f"{name} {value!r} is not offered; choose one of {', '.join(choices)} ({explained}).")
+    return chosen
+
+
 def check_precision(precision: Any) -> str:
     """``precision`` as one of :data:`PRECISIONS` (any case), or a ``ValueError`` that says what to give."""
-    value = precision.strip().lower() if isinstance(precision, str) else precision
-    if value not in PRECISIONS:
-        raise ValueError(f"Precision {precision!r} is not offered; choose one of {', '.join(PRECISIONS)} "
-                         "(fp16: the converted model as is; int8: quantized, smaller and faster on a CPU).")
-    return value
+    return check_choice(precision, PRECISIONS, "Precision",
+                        "fp16: the converted model as is; int8: quantized, smaller and faster on a CPU")
 
 
 @dataclass(frozen=True)

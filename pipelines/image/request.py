@@ -25,6 +25,8 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from pipelines.core.types import check_choice
+
 # Scheduler names offered to users -> diffusers class (+ settings), built ``from_config``.
 SCHEDULERS: dict[str, tuple[str, dict]] = {
     "UniPC": ("UniPCMultistepScheduler", {}),
@@ -240,11 +242,8 @@ def check_options(options: ImageOptions) -> None:
 
 def check_mode(mode: Any) -> str:
     """``mode`` as one of :data:`MODES` (any case), or a ``ValueError`` that says what to give."""
-    value = mode.strip().lower() if isinstance(mode, str) else mode
-    if value not in MODES:
-        raise ValueError(f"Mode {mode!r} is not offered; choose one of {', '.join(MODES)} (fast: LCM-LoRA, "
-                         "4 steps and the tiny TAESD decoder, seconds on a CPU; quality: 20 steps with guidance).")
-    return value
+    return check_choice(mode, MODES, "Mode", "fast: LCM-LoRA, 4 steps and the tiny TAESD decoder, seconds on "
+                        "a CPU; quality: 20 steps with guidance")
 
 
 def _mode_problems(options: ImageOptions) -> list[str]:

@@ -291,7 +291,6 @@ class LiveService:
                  engines: Optional[Callable[[ModelChoice], LiveEngine]] = None):
         """``engines(choice)`` makes a stream's decoder; by default a :class:`LiveEngine` on ``whisper``
         and its pool's live slots (Ray mode passes engines that decode on the Whisper replicas)."""
-        self.whisper = whisper
         self.engines = engines or (lambda choice: LiveEngine(whisper, choice, whisper.pool.slots(KIND)))
         self.max_streams, self.max_seconds = max(1, int(max_streams)), float(max_seconds)
         self.executor = ThreadPoolExecutor(max_workers=self.max_streams + 2, thread_name_prefix="live-captions")
